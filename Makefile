@@ -1,0 +1,26 @@
+# `make demo` and `make test` create .venv on first use and install r1jax into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m r1jax.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile tests
+
+clean:
+	rm -rf $(VENV) runs
