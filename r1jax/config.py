@@ -1,0 +1,359 @@
+"""Typed, frozen run configuration loaded from YAML with dotted `key=value` overrides.
+
+    cfg = r1jax.config.load("configs/model/tiny-moe.yaml", "model.hidden_size=64")
+
+Model fields carry the names of the HF `config.json` of DeepSeek-V3 / Qwen2 / Llama, so an HF
+config maps field for field (`ModelConfig.from_hf`). Every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, missing or impossible; `key` is its dotted path."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """`rope_scaling` of an HF config: YaRN (DeepSeek) or Llama-3 frequency scaling."""
+
+    type: Literal["yarn", "llama3"] = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self):
+        _require(self.factor >= 1.0, "factor", f"must be >= 1, got {self.factor}")
+        _require(self.beta_fast > self.beta_slow > 0, "beta_fast", "need beta_fast > beta_slow > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One decoder: DeepSeek MLA + MoE (+MTP) or a dense GQA student (Qwen2 / Llama).
+
+    A layer never asks which model it is in: `kv_lora_rank` set means MLA attention, unset means
+    GQA; `n_routed_experts > 0` means MoE FFNs after the first `first_k_dense_replace` layers.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    num_key_value_heads: int | None = None
+    # Multi-head Latent Attention (DeepSeek). kv_lora_rank None -> GQA (dense students).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # GQA attention (dense students).
+    head_dim: int | None = None
+    attention_bias: bool = False  # bias on q, k, v and o (Llama's flag)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    # DeepSeekMoE.
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    n_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = "noaux_tc"
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4)
+    bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
+    # Multi-Token Prediction depth.
+    num_nextn_predict_layers: int = 0
+    # Positions.
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_interleave: bool = True  # DeepSeek weights rotate pairs (2i, 2i+1); Llama/Qwen halves
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    hidden_act: Literal["silu"] = "silu"
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Numerics and compilation.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "save_dots"] = "none"
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers) if self.is_moe else self.num_hidden_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.num_attention_heads % self.kv_heads == 0, "num_attention_heads",
+                 f"{self.num_attention_heads} heads are not divisible by num_key_value_heads={self.kv_heads}")
+        if self.is_mla:
+            _require(self.kv_heads == self.num_attention_heads, "num_key_value_heads",
+                     "MLA needs num_key_value_heads == num_attention_heads")
+            _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even")
+            _require(not self.attention_bias and not self.qkv_bias, "attention_bias", "MLA has no biases")
+        else:
+            _require(self.gqa_head_dim % 2 == 0, "head_dim", "must be even for RoPE")
+        if self.is_moe:
+            _require(0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+                     f"must be in 1..n_routed_experts={self.n_routed_experts}")
+            _require(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive for MoE")
+            _require(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
+                     f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+            _require(1 <= self.topk_group <= self.n_group, "topk_group",
+                     f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.n_group > 1:
+                _require(per_group >= 2, "n_group", "group scores use the top-2 experts: need >= 2 experts a group")
+                _require(self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
+                         "the kept groups hold fewer experts than num_experts_per_tok")
+            _require(self.topk_method != "noaux_tc" or self.scoring_func == "sigmoid", "topk_method",
+                     "noaux_tc routing needs scoring_func: sigmoid")
+        _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Builds from an HF `config.json` mapping; keys r1jax does not model are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in hf.items() if k in known}
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("yarn", "llama3"):
+            rope = {("type" if k == "rope_type" else k): v for k, v in rope.items()}
+            rope_known = {f.name for f in dataclasses.fields(RopeScaling)}
+            data["rope_scaling"] = {k: v for k, v in rope.items() if k in rope_known}
+        else:
+            data["rope_scaling"] = None
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            data["rope_theta"] = rope["rope_theta"]
+        data.update(overrides)
+        return build(cls, data)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh: named axes data / expert / model; one of them may be -1 ("the rest")."""
+
+    data: int = -1
+    expert: int = 1
+    model: int = 1
+    fsdp: bool = False  # shard parameters and optimizer state over `data` as well
+    dcn_data: int = 1  # multi-slice: slices along `data` (hybrid ICI x DCN mesh)
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "expert": self.expert, "model": self.model}
+        for k, v in sizes.items():
+            _require(v == -1 or v >= 1, k, f"must be >= 1 or -1, got {v}")
+        _require(list(sizes.values()).count(-1) <= 1, "data", "at most one mesh axis may be -1")
+        _require(self.dcn_data >= 1, "dcn_data", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """A run: the model, the mesh it runs on, and (later issues) the training recipe."""
+
+    model: ModelConfig
+    mesh: MeshConfig = MeshConfig()
+    seed: int = 0
+
+    def __post_init__(self):
+        m = self.model
+        if self.mesh.model > 1:
+            heads = m.kv_heads if not m.is_mla else m.num_attention_heads
+            _require(heads % self.mesh.model == 0, "mesh.model",
+                     f"{heads} attention heads are not divisible by mesh.model={self.mesh.model}")
+        if self.mesh.expert > 1 and m.is_moe:
+            _require(m.n_routed_experts % self.mesh.expert == 0, "mesh.expert",
+                     f"n_routed_experts={m.n_routed_experts} is not divisible by mesh.expert={self.mesh.expert}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            _require(type(None) in args, key, "may not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return build(tp, value, prefix=key)
+    if tp is bool:
+        _require(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok and math.isfinite(value), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, data: dict[str, Any], prefix: str = ""):
+    """Builds dataclass `cls` from a mapping, checking keys and types; errors name the key."""
+    dotted = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            raise ConfigError(dotted(name), f"unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], dotted(name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(dotted(name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(dotted(e.key), str(e).split(": ", 1)[-1]) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: top level must be a mapping")
+    return data
+
+
+def _resolve_model_path(ref: str, base: Path) -> Path:
+    for candidate in (Path(ref), base / ref, CONFIGS_DIR / "model" / ref, CONFIGS_DIR / "model" / f"{ref}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("model", f"model config {ref!r} not found (looked in ., {base}, {CONFIGS_DIR / 'model'})")
+
+
+def _set_dotted(data: dict, dotted_key: str, value: Any) -> None:
+    keys = dotted_key.split(".")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(keys[: i + 1]), f"is not a mapping, cannot set {dotted_key}")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_dict(path: str | Path | None, *overrides: str) -> dict:
+    """The raw mapping of a run config after model-path resolution and overrides."""
+    data: dict = {}
+    base = Path(".")
+    if path is not None:
+        path = Path(path)
+        base = path.parent
+        data = _read_yaml(path)
+        if "hidden_size" in data:  # a bare model file, as under configs/model/
+            data = {"model": data}
+    if isinstance(data.get("model"), str):
+        data["model"] = _read_yaml(_resolve_model_path(data["model"], base))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if key == "model" and isinstance(value, str):
+            value = _read_yaml(_resolve_model_path(value, base))
+        _set_dotted(data, key, value)
+    return data
+
+
+def load(path: str | Path | None, *overrides: str, cls=Config):
+    """Loads a run config (or a bare model file) with `a.b=value` overrides, validated."""
+    return build(cls, load_dict(path, *overrides))
+
+
+def load_model(path: str | Path, *overrides: str) -> ModelConfig:
+    """Loads just the model part; overrides may be written with or without `model.`."""
+    fixed = [o if o.startswith("model.") else f"model.{o}" for o in overrides]
+    return load(path, *fixed).model
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

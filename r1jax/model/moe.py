@@ -1,0 +1,153 @@
+"""DeepSeekMoE: shared experts plus routed SwiGLU experts, aux-loss-free balancing (V3).
+
+Letters: B batch, T length, N tokens (B*T), D width, E routed experts, K experts per token,
+F expert hidden, G expert groups.
+
+Routing (spec §3), `route`:
+  V3: s = sigmoid(x W_g); choice by s + b (b: `RoutingBias`, no gradient), group-limited: keep the
+      `topk_group` groups with the best top-2 sums, then top-K experts inside them;
+      weights w = s[chosen] (/ Σ if norm_topk_prob) · routed_scaling_factor.
+  V2: s = softmax(x W_g); greedy top-K (or group-limited by group max); no bias.
+Expert compute is dropless (`dropless_experts`): tokens sorted by expert, `jax.lax.ragged_dot`.
+Under expert parallelism `r1jax.parallel.expert` swaps in its dispatch through `use_expert_fn`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.config import ModelConfig
+from r1jax.model.layers import MLP, dtypes, normal, param, zeros
+from r1jax.parallel.rules import constrain
+
+
+class RoutingBias(nnx.Variable):
+    """The aux-loss-free correction bias b [E]: a state of its own, never a `Param`, so the
+    optimizer never sees it (no gradient, no weight decay, no Adam moments)."""
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [N, K] combine weights (f32)
+    experts: jax.Array  # [N, K] int32 chosen experts
+    scores: jax.Array  # [N, E] f32 sigmoid / softmax scores (no bias)
+
+
+def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
+    """logits [N, E] f32 -> the chosen experts and their combine weights."""
+    n, e = logits.shape
+    scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias if (bias is not None and cfg.topk_method == "noaux_tc") else scores
+    if cfg.n_group > 1 and cfg.topk_method != "greedy":
+        grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
+        if cfg.topk_method == "noaux_tc":
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+        else:
+            group_score = grouped.max(-1)
+        _, keep = jax.lax.top_k(group_score, cfg.topk_group)
+        group_mask = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], keep].set(True)
+        expert_mask = jnp.repeat(group_mask, e // cfg.n_group, axis=1)
+        choice = jnp.where(expert_mask, choice, -jnp.inf)
+    _, experts = jax.lax.top_k(jax.lax.stop_gradient(choice), cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def expert_loads(experts: jax.Array, num_experts: int) -> jax.Array:
+    """[N, K] chosen experts -> [E] f32 token counts."""
+    return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig) -> jax.Array:
+    """alpha · mean over sequences of Σ_i f_i P_i (spec §3), f_i = E/(K T) · #{t: i in TopK(t)},
+    P_i = mean_t s_i,t / Σ_j s_j,t."""
+    if cfg.aux_loss_alpha == 0.0:
+        return jnp.zeros((), jnp.float32)
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    scores = routing.scores.reshape(batch, -1, e)
+    t = scores.shape[1]
+    hits = jax.nn.one_hot(routing.experts.reshape(batch, t * k), e, dtype=jnp.float32).sum(1)  # [B, E]
+    f = jax.lax.stop_gradient(hits * e / (k * t))
+    p = (scores / scores.sum(-1, keepdims=True)).mean(1)  # [B, E]
+    return cfg.aux_loss_alpha * jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+def routing_bias_update(bias: jax.Array, loads: jax.Array, gamma: float) -> jax.Array:
+    """b_i += gamma · sign(mean_load - load_i), loads [..., E] counted over the global batch."""
+    return bias + gamma * jnp.sign(loads.mean(-1, keepdims=True) - loads)
+
+
+def dropless_experts(x, routing: Routing, w_gate, w_up, w_down) -> tuple[jax.Array, dict]:
+    """x [N, D] through the chosen experts, nothing dropped. w_gate/w_up [E, D, F], w_down [E, F, D].
+
+    The N*K (token, expert) pairs are sorted by expert so each expert's rows are contiguous,
+    then one grouped matmul (`ragged_dot`) per projection runs every expert at once.
+    """
+    n, k = routing.experts.shape
+    e = w_gate.shape[0]
+    flat = routing.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = x[order // k]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    ys = jax.lax.ragged_dot(h, w_down, sizes)  # [N*K, D] in expert order
+    y = ys[jnp.argsort(order)].reshape(n, k, -1)
+    return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype)), {}
+
+
+ExpertFn = Callable[..., tuple[jax.Array, dict]]
+_EXPERT_FN: contextvars.ContextVar[ExpertFn] = contextvars.ContextVar("r1jax_expert_fn", default=dropless_experts)
+
+
+@contextlib.contextmanager
+def use_expert_fn(fn: ExpertFn):
+    """Within this context MoE layers run their routed experts with `fn` (same signature as
+    `dropless_experts`): how expert parallelism plugs in without the layer knowing the mesh."""
+    token = _EXPERT_FN.set(fn)
+    try:
+        yield
+    finally:
+        _EXPERT_FN.reset(token)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype, pdt = dtypes(cfg)
+        init = normal(cfg.initializer_range)
+        d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        self.gate = param(rngs, init, (d, e), ("embed", None), jnp.float32)
+        if cfg.topk_method == "noaux_tc":
+            self.bias = RoutingBias(zeros(rngs.params(), (e,), jnp.float32), axes=(None,))
+        self.w_gate = param(rngs, init, (e, d, f), ("experts", "embed", "mlp"), pdt)
+        self.w_up = param(rngs, init, (e, d, f), ("experts", "embed", "mlp"), pdt)
+        self.w_down = param(rngs, init, (e, f, d), ("experts", "mlp", "embed"), pdt)
+        if cfg.n_shared_experts:
+            self.shared = MLP(cfg, f * cfg.n_shared_experts, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        """x [B,T,D] -> (y [B,T,D], stats: loads [E], balance_loss [], plus the dispatch's metrics)."""
+        b, t, d = x.shape
+        dt = self.dtype
+        flat = x.reshape(b * t, d)
+        logits = jnp.einsum("ND,DE->NE", flat.astype(jnp.float32), self.gate[...])
+        routing = route(logits, self.bias[...] if hasattr(self, "bias") else None, self.cfg)
+        y, metrics = _EXPERT_FN.get()(
+            flat, routing, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt)
+        )
+        y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
+        if self.cfg.n_shared_experts:
+            y = y + self.shared(x)
+        stats = {
+            "loads": expert_loads(routing.experts, self.cfg.n_routed_experts),
+            "balance_loss": sequence_balance_loss(routing, b, self.cfg),
+            **metrics,
+        }
+        return y, stats

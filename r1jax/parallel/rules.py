@@ -1,0 +1,85 @@
+"""The one table from logical axis names to mesh axes.
+
+Every parameter is created with logical names (`r1jax.model.layers.param`), and the model marks
+key activations with `constrain(x, names)`. This table alone decides where they go on the mesh,
+so changing the parallelism of a run is a config change (mesh sizes, `fsdp`), never a code change.
+
+Logical names (letters as in the einsums):
+  batch (B), length (T/S), embed (D), vocab (V), heads (H), kv_heads, head_dim (K),
+  q_lora, kv_lora (L), mlp (F), experts (E), layers, norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Batch is split over `data` and `expert`: expert devices do data-parallel work outside the MoE.
+BASE_RULES: dict[str, MeshAxes] = {
+    "batch": ("data", "expert"),
+    "length": None,
+    "embed": None,
+    "vocab": "model",
+    "heads": "model",
+    "kv_heads": "model",
+    "head_dim": None,
+    "q_lora": None,
+    "kv_lora": None,
+    "mlp": "model",
+    "experts": "expert",
+    "layers": None,
+    "norm": None,
+}
+
+
+def rules_for(fsdp: bool = False) -> dict[str, MeshAxes]:
+    """The table for a run: with fsdp, weights' `embed` dimension is also split over `data`."""
+    rules = dict(BASE_RULES)
+    if fsdp:
+        rules["embed"] = "data"
+    return rules
+
+
+_ACTIVE: contextvars.ContextVar[tuple[jax.sharding.Mesh, dict] | None] = contextvars.ContextVar(
+    "r1jax_sharding_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes]):
+    """Within this context `constrain` places activations on `mesh` by `rules`."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def to_pspec(names: Sequence[str | None], rules: dict[str, MeshAxes], mesh_axes: Sequence[str] = ()) -> PartitionSpec:
+    """Logical names -> PartitionSpec. A mesh axis is used at most once (first name wins) and
+    axes of size 1 or absent from the mesh are dropped."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and (not mesh_axes or a in mesh_axes))
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `use_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = to_pspec(names, rules, mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
