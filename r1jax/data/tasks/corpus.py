@@ -1,0 +1,122 @@
+"""Corpora built from the tasks: pretraining text, cold-start SFT chats, held-out eval.
+
+Split membership is a function of the question text alone (a hash), so no eval question
+can appear in any training corpus, whatever the seeds or counts.
+
+    python -m r1jax.data.tasks.corpus --output data/ --pretrain 20000 --sft 4000 --eval 500
+
+writes pretrain.txt (for the tokenizer trainer), pretrain.jsonl ({"text"}), sft.jsonl
+({"messages", "task", "answer"}) and eval.jsonl ({"task", "question", "answer"}).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+
+from r1jax.data.tasks import TASKS, Sample
+
+EVAL_FRACTION = 0.1
+DIFFICULTIES = (1, 2, 3)
+
+_DOCUMENT_TEMPLATES = (
+    "Question: {question}\nLet's think step by step.\n{reasoning}\nAnswer: {answer}",
+    "Problem: {question}\nSolution:\n{reasoning}\nThe answer is {answer}.",
+    "{question}\n{reasoning}\nFinal answer: {answer}",
+)
+
+
+def split_of(question: str) -> str:
+    """'eval' for EVAL_FRACTION of the hash space of question texts, else 'train'."""
+    digest = hashlib.sha256(question.encode("utf-8")).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") < EVAL_FRACTION * 2**64 else "train"
+
+
+def samples(
+    split: str,
+    seed: int,
+    *,
+    tasks: Sequence[str] = tuple(TASKS),
+    difficulties: Sequence[int] = DIFFICULTIES,
+) -> Iterator[Sample]:
+    """Endless distinct samples of one split, mixing tasks and difficulties uniformly."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    seen: set[str] = set()
+    for i in itertools.count():
+        rng = random.Random(f"{seed}:{i}")  # str seeds hash deterministically
+        task = rng.choice(tasks)
+        sample = TASKS[task].generate(rng, rng.choice(difficulties))
+        if sample.question not in seen and split_of(sample.question) == split:
+            seen.add(sample.question)
+            yield sample
+
+
+def pretrain_documents(count: int, seed: int, **kwargs) -> Iterator[str]:
+    """Plain-text documents of 1-4 worked problems each, from the train split."""
+    stream = samples("train", seed, **kwargs)
+    rng = random.Random(f"documents:{seed}")
+    for _ in range(count):
+        template = rng.choice(_DOCUMENT_TEMPLATES)
+        problems = itertools.islice(stream, rng.randint(1, 4))
+        yield "\n\n".join(template.format(**vars(s)) for s in problems)
+
+
+def assistant_turn(sample: Sample) -> str:
+    return f"<think>{sample.reasoning}</think> <answer>{sample.answer}</answer>"
+
+
+def sft_records(count: int, seed: int, **kwargs) -> Iterator[dict]:
+    """Cold-start SFT chats `{"messages", "task", "answer"}` from the train split."""
+    for sample in itertools.islice(samples("train", seed, **kwargs), count):
+        yield {
+            "messages": [
+                {"role": "user", "content": sample.question},
+                {"role": "assistant", "content": assistant_turn(sample)},
+            ],
+            "task": sample.task,
+            "answer": sample.answer,
+        }
+
+
+def eval_records(count: int, seed: int, **kwargs) -> list[dict]:
+    """Held-out prompts `{"task", "question", "answer"}`; grade with `tasks.check_record`."""
+    return [
+        {"task": s.task, "question": s.question, "answer": s.answer}
+        for s in itertools.islice(samples("eval", seed, **kwargs), count)
+    ]
+
+
+def write_corpus(output_dir: str, *, pretrain: int, sft: int, eval: int, seed: int = 0) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    documents = list(pretrain_documents(pretrain, seed))
+    with open(os.path.join(output_dir, "pretrain.txt"), "w", encoding="utf-8") as f:
+        f.write("\n\n".join(documents) + "\n")
+    _write_jsonl(os.path.join(output_dir, "pretrain.jsonl"), ({"text": d} for d in documents))
+    _write_jsonl(os.path.join(output_dir, "sft.jsonl"), sft_records(sft, seed + 1))
+    _write_jsonl(os.path.join(output_dir, "eval.jsonl"), eval_records(eval, seed + 2))
+
+
+def _write_jsonl(path: str, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m r1jax.data.tasks.corpus")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--pretrain", type=int, default=20_000, help="documents")
+    parser.add_argument("--sft", type=int, default=4_000, help="chats")
+    parser.add_argument("--eval", type=int, default=500, help="prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_corpus(args.output, pretrain=args.pretrain, sft=args.sft, eval=args.eval, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
