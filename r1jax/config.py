@@ -200,12 +200,60 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with warm-up then cosine decay and global-norm clipping (V3: beta 0.9/0.95, wd 0.1)."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 0
+    decay_steps: int = 0  # cosine length after warm-up; 0: constant after warm-up
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1", "betas must be in [0, 1)")
+        _require(self.warmup_steps >= 0 and self.decay_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    mtp_weight: float = 0.3  # lambda of the MTP loss (V3: 0.3 early, 0.1 later)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the step runs on the mesh (not which mesh: that is `mesh`)."""
+
+    expert_dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25  # capacity dispatch: slots per expert relative to an even split
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """Multi-host start; all null: read the usual environment (or single process)."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """A run: the model, the mesh it runs on, and (later issues) the training recipe."""
+    """A run: the model, the mesh it runs on, and the training recipe."""
 
     model: ModelConfig
     mesh: MeshConfig = MeshConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
     seed: int = 0
+    batch_size: int = 8  # global sequences per step
+    seq_len: int = 128
 
     def __post_init__(self):
         m = self.model
@@ -257,6 +305,11 @@ def _coerce(tp, value, key: str):
         _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok and math.isfinite(value), key, f"expected a number, got {value!r}")
         return float(value)

@@ -28,6 +28,7 @@ class ModelOutput:
     expert_loads: jax.Array | None  # [L_moe, E] tokens routed to each expert, per MoE layer
     balance_loss: jax.Array  # [] sequence-wise balance loss summed over MoE layers (alpha included)
     hidden: jax.Array  # [B, T, D] last hidden state before the final norm (what MTP consumes)
+    mtp_expert_loads: jax.Array | None = None  # [M, E] loads of the MTP blocks' MoE
     moe_metrics: dict[str, Any] = struct.field(default_factory=dict)  # dispatch metrics [L_moe]
 
 
@@ -150,14 +151,16 @@ class Decoder(nnx.Module):
             loads, balance = stats.pop("loads"), stats.pop("balance_loss").sum()
             metrics = stats
         logits = self.head(self.norm(x))
-        mtp_logits = None
+        mtp_logits = mtp_loads = None
         if len(self.mtp) and mtp_inputs is not None:
-            h, tokens, outs = x, mtp_inputs, []
+            h, tokens, outs, mtp_loads = x, mtp_inputs, [], []
             for layer in self.mtp:
                 h, normed, stats = layer(h, self.embed_tokens(tokens), positions, segment_ids)
                 outs.append(self.head(normed))
-                if "balance_loss" in stats:
+                if "loads" in stats:
                     balance = balance + stats["balance_loss"]
+                    mtp_loads.append(stats["loads"])
                 tokens = jnp.roll(tokens, -1, axis=1)  # depth k+1 embeds the token one further on
             mtp_logits = jnp.stack(outs)
-        return ModelOutput(logits, mtp_logits, loads, balance, x, metrics)
+            mtp_loads = jnp.stack(mtp_loads) if mtp_loads else None
+        return ModelOutput(logits, mtp_logits, loads, balance, x, mtp_loads, metrics)

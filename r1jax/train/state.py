@@ -1,0 +1,126 @@
+"""Train state, the optimizer, and their shardings.
+
+The model is split once: `graphdef` (static structure), `params` (every `nnx.Param`, what the
+optimizer updates) and `extra` (the rest: the MoE routing biases, updated by their own rule).
+Steps are pure functions of these states, merged back into a module only inside the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax.config import Config, OptimConfig
+from r1jax.model.decoder import Decoder
+from r1jax.parallel.rules import MeshAxes, to_pspec
+
+_BIASES = {"bq", "bk", "bv", "bo"}
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32
+    params: nnx.State
+    extra: nnx.State  # non-Param model state: RoutingBias
+    opt_state: Any
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warm-up to the peak, then cosine down to min_lr_ratio · peak over decay_steps."""
+    peak = cfg.learning_rate
+    if cfg.decay_steps:
+        return optax.warmup_cosine_decay_schedule(
+            0.0 if cfg.warmup_steps else peak, peak, cfg.warmup_steps, cfg.warmup_steps + cfg.decay_steps,
+            end_value=peak * cfg.min_lr_ratio,
+        )
+    if cfg.warmup_steps:
+        return optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.constant_schedule(peak)
+
+
+def _decay_mask(params: nnx.State) -> nnx.State:
+    """True where weight decay applies: not on norms and biases."""
+
+    def decays(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return name not in _BIASES and "norm" not in getattr(leaf, "axes", ())
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace(decays(path[:-1], v)) if isinstance(v, nnx.Variable) else True,
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, none on norms and biases) after global-norm clipping."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=_decay_mask)
+    )
+    return optax.chain(*parts)
+
+
+def init_state(cfg: Config, key: jax.Array, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    model = Decoder(cfg.model, rngs=nnx.Rngs(params=key))
+    graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+    state = TrainState(jnp.zeros((), jnp.int32), params, extra, optimizer.init(params))
+    return graphdef, state
+
+
+def abstract_state(cfg: Config, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """Shapes, dtypes and axis metadata of the state; nothing allocated."""
+    out = {}
+
+    def build(key):
+        graphdef, state = init_state(cfg, key, optimizer)
+        out["graphdef"] = graphdef
+        return state
+
+    state = jax.eval_shape(build, jax.random.key(0))
+    return out["graphdef"], state
+
+
+def _spec_for(shape: tuple[int, ...], names, rules: dict[str, MeshAxes], mesh: Mesh) -> PartitionSpec:
+    """The table's spec, less any mesh axis that does not divide its dimension."""
+    spec = to_pspec(names, rules, mesh.axis_names)
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        group = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        keep = []
+        for a in group:
+            if dim % (mesh.shape[a] * max(1, _prod(mesh.shape[k] for k in keep))) == 0:
+                keep.append(a)
+        fixed.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return PartitionSpec(*fixed)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def shardings(tree, mesh: Mesh, rules: dict[str, MeshAxes]):
+    """NamedSharding for every leaf: Variables by their `axes` metadata through the rules table,
+    plain arrays (step, optimizer counters) replicated."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            names = x.get_metadata().get("axes", (None,) * len(x.shape))
+            return x.replace(NamedSharding(mesh, _spec_for(tuple(x.shape), names, rules, mesh)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_shardings(batch_keys, mesh: Mesh, rules: dict[str, MeshAxes]) -> dict[str, NamedSharding]:
+    spec = to_pspec(("batch", "length"), rules, mesh.axis_names)
+    return {k: NamedSharding(mesh, spec) for k in batch_keys}

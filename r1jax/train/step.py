@@ -1,0 +1,176 @@
+"""The compiled language-model train step and forward pass, sharded by the rules table.
+
+    step = TrainStep(cfg, mesh)                     # shardings, optimizer, compiled once
+    state = step.init(jax.random.key(0))            # created directly in its sharded layout
+    state, metrics = step(state, batch)             # donated state, one optimizer step
+
+The loss is traced inside `use_rules` (activation constraints) and `use_expert_fn` (expert
+parallel dispatch), so the model code itself never sees the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax.config import Config
+from r1jax.model.decoder import ModelOutput
+from r1jax.model.moe import routing_bias_update, use_expert_fn
+from r1jax.parallel import rules as rules_lib
+from r1jax.parallel.mesh import check_model_fits
+from r1jax.train.losses import lm_loss
+from r1jax.train.state import TrainState, abstract_state, batch_shardings, init_state, make_optimizer, shardings
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def forward(graphdef, params, extra, batch: dict) -> ModelOutput:
+    model = nnx.merge(graphdef, params, extra)
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], mtp_inputs=batch["targets"])
+
+
+def update_routing_biases(extra: nnx.State, out: ModelOutput, gamma: float) -> nnx.State:
+    """Aux-loss-free balancing after a step: loads are sums over the global batch (the arrays
+    are global under jit), so every replica applies the same update."""
+    extra = jax.tree.map(lambda x: x, extra, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if out.expert_loads is not None:
+        v = extra["moe_layers"]["ffn"]["bias"]
+        v.value = routing_bias_update(v.value, out.expert_loads, gamma)
+    if out.mtp_expert_loads is not None:
+        for k in range(out.mtp_expert_loads.shape[0]):
+            v = extra["mtp"][k]["block"]["ffn"]["bias"]
+            v.value = routing_bias_update(v.value, out.mtp_expert_loads[k], gamma)
+    return extra
+
+
+def load_metrics(loads: jax.Array) -> dict[str, jax.Array]:
+    """max/mean expert load per MoE layer [L] and its worst layer."""
+    ratio = loads.max(-1) / jnp.maximum(loads.mean(-1), 1e-9)
+    return {"expert_load_max_over_mean": ratio, "expert_load_max_over_mean_worst": ratio.max()}
+
+
+class TrainStep:
+    """Owns the mesh-dependent pieces of a run: optimizer, shardings, compiled functions."""
+
+    def __init__(self, cfg: Config, mesh: Mesh | None = None):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.rules = rules_lib.rules_for(cfg.mesh.fsdp)
+        self.optimizer = make_optimizer(cfg.optim)
+        self.graphdef, abstract = abstract_state(cfg, self.optimizer)
+        self.abstract = abstract
+        if mesh is not None:
+            check_model_fits(mesh, cfg.model, cfg.batch_size)
+            self.state_shardings = shardings(abstract, mesh, self.rules)
+            self.batch_shardings = batch_shardings(BATCH_KEYS, mesh, self.rules)
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self._step = jax.jit(
+                self._train_step,
+                in_shardings=(self.state_shardings, self.batch_shardings),
+                out_shardings=(self.state_shardings, replicated),
+                donate_argnums=0,
+            )
+            self._grads = jax.jit(
+                self._loss_and_grads,
+                in_shardings=(self.state_shardings.params, self.state_shardings.extra, self.batch_shardings),
+                out_shardings=(replicated, self.state_shardings.params),
+            )
+            self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        else:
+            self._step = jax.jit(self._train_step, donate_argnums=0)
+            self._grads = jax.jit(self._loss_and_grads)
+            self._init = jax.jit(self._init_fn)
+
+    # ------------------------------------------------------------------ traced functions
+
+    @contextlib.contextmanager
+    def _placement(self):
+        if self.mesh is None:
+            yield
+            return
+        from r1jax.parallel.expert import make_expert_fn
+
+        expert_fn = make_expert_fn(
+            self.mesh, self.rules, mode=self.cfg.parallel.expert_dispatch,
+            capacity_factor=self.cfg.parallel.capacity_factor,
+        )
+        with rules_lib.use_rules(self.mesh, self.rules), use_expert_fn(expert_fn):
+            yield
+
+    def _init_fn(self, key):
+        return init_state(self.cfg, key, self.optimizer)[1]
+
+    def _loss(self, params, extra, batch):
+        with self._placement():
+            out = forward(self.graphdef, params, extra, batch)
+            loss, metrics = lm_loss(out, batch, self.cfg.loss.mtp_weight)
+        return loss, (metrics, out)
+
+    def _loss_and_grads(self, params, extra, batch) -> tuple[dict, Any]:
+        (_, (metrics, _)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, extra, batch)
+        return metrics, grads
+
+    def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (_, (metrics, out)), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, state.extra, batch)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        extra = update_routing_biases(state.extra, out, self.cfg.model.bias_update_speed)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        if out.expert_loads is not None:
+            metrics.update(load_metrics(out.expert_loads))
+        for name, value in out.moe_metrics.items():
+            metrics[name] = value.mean()
+        return TrainState(state.step + 1, params, extra, opt_state), metrics
+
+    # ------------------------------------------------------------------ host API
+
+    def init(self, key: jax.Array) -> TrainState:
+        """A fresh state, each array created directly with its sharding (nothing gathered)."""
+        return self._init(key)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Moves a (host or differently sharded) state onto this step's shardings."""
+        return state if self.mesh is None else jax.device_put(state, self.state_shardings)
+
+    def place_batch(self, batch: dict) -> dict:
+        batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+        return batch if self.mesh is None else jax.device_put(batch, self.batch_shardings)
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self._step(state, batch)
+
+    def loss_and_grads(self, state: TrainState, batch: dict):
+        return self._grads(state.params, state.extra, batch)
+
+    def lower(self, batch_shape: tuple[int, int]):
+        """Lowers the train step for abstract inputs (the dry run): nothing is allocated."""
+        abstract = self.abstract
+        if self.mesh is not None:
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings
+            )
+        batch = {}
+        for k in BATCH_KEYS:
+            dt = jnp.float32 if k == "loss_mask" else jnp.int32
+            sh = self.batch_shardings[k] if self.mesh is not None else None
+            batch[k] = jax.ShapeDtypeStruct(batch_shape, dt, sharding=sh)
+        return self._step.lower(abstract, batch)
+
+
+def synthetic_batch(cfg: Config, key: jax.Array, batch_size: int | None = None, seq_len: int | None = None) -> dict:
+    """A random next-token batch (one document a row) for tests, benchmarks and the dry run."""
+    b, t = batch_size or cfg.batch_size, seq_len or cfg.seq_len
+    tokens = jax.random.randint(key, (b, t + 1), 0, cfg.model.vocab_size, dtype=jnp.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": jnp.ones((b, t), jnp.float32),
+        "segment_ids": jnp.ones((b, t), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+    }
