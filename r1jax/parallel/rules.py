@@ -39,10 +39,11 @@ BASE_RULES: dict[str, MeshAxes] = {
 
 
 def rules_for(fsdp: bool = False) -> dict[str, MeshAxes]:
-    """The table for a run: with fsdp, weights' `embed` dimension is also split over `data`."""
+    """The table for a run: with fsdp, weights' `embed` dimension is split over `data` and `expert`
+    (every device that is data-parallel outside the MoE); expert weights keep `expert` for E."""
     rules = dict(BASE_RULES)
     if fsdp:
-        rules["embed"] = "data"
+        rules["embed"] = ("data", "expert")  # dense weights over every data-parallel device
     return rules
 
 

@@ -11,8 +11,6 @@ parallel dispatch), so the model code itself never sees the mesh.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,8 +56,10 @@ def load_metrics(loads: jax.Array) -> dict[str, jax.Array]:
 class TrainStep:
     """Owns the mesh-dependent pieces of a run: optimizer, shardings, compiled functions."""
 
-    def __init__(self, cfg: Config, mesh: Mesh | None = None):
+    def __init__(self, cfg: Config, mesh: Mesh | None = None, *, keep_grads: bool = False):
+        """keep_grads: the step also returns the gradients, as `metrics["grads"]` (for tests)."""
         self.cfg = cfg
+        self.keep_grads = keep_grads
         self.mesh = mesh
         self.rules = rules_lib.rules_for(cfg.mesh.fsdp)
         self.optimizer = make_optimizer(cfg.optim)
@@ -70,21 +70,23 @@ class TrainStep:
             self.state_shardings = shardings(abstract, mesh, self.rules)
             self.batch_shardings = batch_shardings(BATCH_KEYS, mesh, self.rules)
             replicated = NamedSharding(mesh, PartitionSpec())
+            grad_shardings = self.state_shardings.params if keep_grads else None
             self._step = jax.jit(
                 self._train_step,
                 in_shardings=(self.state_shardings, self.batch_shardings),
-                out_shardings=(self.state_shardings, replicated),
+                out_shardings=(self.state_shardings, replicated, grad_shardings),
                 donate_argnums=0,
             )
-            self._grads = jax.jit(
-                self._loss_and_grads,
+            logits_sharding = NamedSharding(mesh, rules_lib.to_pspec(("batch", "length", "vocab"), self.rules, mesh.axis_names))
+            self._eval = jax.jit(
+                self._eval_fn,
                 in_shardings=(self.state_shardings.params, self.state_shardings.extra, self.batch_shardings),
-                out_shardings=(replicated, self.state_shardings.params),
+                out_shardings=(replicated, logits_sharding),
             )
             self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
         else:
             self._step = jax.jit(self._train_step, donate_argnums=0)
-            self._grads = jax.jit(self._loss_and_grads)
+            self._eval = jax.jit(self._eval_fn)
             self._init = jax.jit(self._init_fn)
 
     # ------------------------------------------------------------------ traced functions
@@ -112,11 +114,11 @@ class TrainStep:
             loss, metrics = lm_loss(out, batch, self.cfg.loss.mtp_weight)
         return loss, (metrics, out)
 
-    def _loss_and_grads(self, params, extra, batch) -> tuple[dict, Any]:
-        (_, (metrics, _)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, extra, batch)
-        return metrics, grads
+    def _eval_fn(self, params, extra, batch) -> tuple[dict, jax.Array]:
+        _, (metrics, out) = self._loss(params, extra, batch)
+        return metrics, out.logits
 
-    def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def _train_step(self, state: TrainState, batch: dict):
         (_, (metrics, out)), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, state.extra, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -126,7 +128,7 @@ class TrainStep:
             metrics.update(load_metrics(out.expert_loads))
         for name, value in out.moe_metrics.items():
             metrics[name] = value.mean()
-        return TrainState(state.step + 1, params, extra, opt_state), metrics
+        return TrainState(state.step + 1, params, extra, opt_state), metrics, grads if self.keep_grads else None
 
     # ------------------------------------------------------------------ host API
 
@@ -143,10 +145,14 @@ class TrainStep:
         return batch if self.mesh is None else jax.device_put(batch, self.batch_shardings)
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self._step(state, batch)
+        state, metrics, grads = self._step(state, batch)
+        if self.keep_grads:
+            metrics = dict(metrics, grads=grads)
+        return state, metrics
 
-    def loss_and_grads(self, state: TrainState, batch: dict):
-        return self._grads(state.params, state.extra, batch)
+    def evaluate(self, state: TrainState, batch: dict) -> tuple[dict, jax.Array]:
+        """Forward pass without gradients: (loss metrics, logits [B,T,V])."""
+        return self._eval(state.params, state.extra, batch)
 
     def lower(self, batch_shape: tuple[int, int]):
         """Lowers the train step for abstract inputs (the dry run): nothing is allocated."""
