@@ -166,7 +166,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
         """Builds from an HF `config.json` mapping; keys r1jax does not model are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        # HF's `dtype` is the storage dtype of the weights, not r1jax's compute dtype.
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
         data = {k: v for k, v in hf.items() if k in known}
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("yarn", "llama3"):

@@ -100,9 +100,10 @@ def rope_frequencies(cfg: ModelConfig, dim: int) -> tuple[np.ndarray, float]:
             high += 0.001
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
         inv_freq = inv_freq / rs.factor * ramp + inv_freq * (1.0 - ramp)
-        amplitude = 1.0
         if rs.mscale and rs.mscale_all_dim:
             amplitude = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
+        else:  # the YaRN paper's default, as HF and DeepSeek's reference code do
+            amplitude = yarn_mscale(rs.factor, 1.0)
         return inv_freq.astype(np.float32), amplitude
     # llama3: long wavelengths divided by factor, short kept, a smooth blend between.
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor

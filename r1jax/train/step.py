@@ -23,7 +23,7 @@ from r1jax.model.moe import routing_bias_update, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.train.losses import lm_loss
-from r1jax.train.state import TrainState, abstract_state, batch_shardings, init_state, make_optimizer, shardings
+from r1jax.train.state import TrainState, abstract_state, init_key, batch_shardings, init_state, make_optimizer, shardings
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -132,9 +132,9 @@ class TrainStep:
 
     # ------------------------------------------------------------------ host API
 
-    def init(self, key: jax.Array) -> TrainState:
+    def init(self, seed: int | jax.Array) -> TrainState:
         """A fresh state, each array created directly with its sharding (nothing gathered)."""
-        return self._init(key)
+        return self._init(init_key(seed) if isinstance(seed, int) else seed)
 
     def place(self, state: TrainState) -> TrainState:
         """Moves a (host or differently sharded) state onto this step's shardings."""
