@@ -43,7 +43,10 @@ def rules_for(fsdp: bool = False) -> dict[str, MeshAxes]:
     (every device that is data-parallel outside the MoE); expert weights keep `expert` for E."""
     rules = dict(BASE_RULES)
     if fsdp:
-        rules["embed"] = ("data", "expert")  # dense weights over every data-parallel device
+        # Dense weights over every data-parallel device; the latent ranks too, so MLA's up
+        # projections (wq_b [Q,H,K], wkv_b [L,H,N]) are not replicated when `model` is small.
+        for name in ("embed", "q_lora", "kv_lora"):
+            rules[name] = ("data", "expert")
     return rules
 
 
