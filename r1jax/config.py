@@ -243,21 +243,59 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 100  # steps between saves (0: only at the end)
+    keep: int = 3  # most recent checkpoints kept
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where tokens come from. `builtin` generates the verifiable tasks of `r1jax.data.tasks`."""
+
+    source: str = "builtin"  # builtin | a .jsonl / .array_record path (or a glob)
+    eval_source: str | None = None  # held-out data; builtin: the tasks' eval split
+    format: Literal["text", "chat", "gsm8k"] = "text"  # what each JSONL record holds
+    tokenizer: str | None = None  # a SentencePiece .model; null: trained into run_dir
+    vocab_size: int = 1024  # of a tokenizer trained here
+    builtin_docs: int = 20000  # built-in corpus size (pretrain documents / SFT samples)
+    packing: Literal["concat_split", "first_fit"] | None = None  # null: by mode
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """A run: the model, the mesh it runs on, and the training recipe."""
 
     model: ModelConfig
+    mode: Literal["pretrain", "sft", "grpo", "distill"] = "pretrain"
+    run_dir: str = "runs/default"  # checkpoints, metrics, plots
+    steps: int = 100
+    seed: int = 0
+    resume: Literal["auto", "never"] = "auto"
+    init_from: str | None = None  # a run_dir or exported params to start from (SFT after pretraining)
+    metrics_jsonl: str | None = None  # default: run_dir/metrics.jsonl
+    log_every: int = 1
+    eval_every: int = 0  # steps between held-out losses (0: only at the end)
+    eval_batches: int = 4
+    batch_size: int = 8  # global sequences per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is split among them)
+    seq_len: int = 128
     mesh: MeshConfig = MeshConfig()
     parallel: ParallelConfig = ParallelConfig()
     distributed: DistributedConfig = DistributedConfig()
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
-    seed: int = 0
-    batch_size: int = 8  # global sequences per step
-    seq_len: int = 128
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    data: DataConfig = DataConfig()
 
     def __post_init__(self):
         m = self.model
+        _require(self.steps >= 0, "steps", "must be >= 0")
+        _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        _require(self.batch_size % self.grad_accum == 0, "grad_accum",
+                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        _require(self.seq_len >= 2, "seq_len", "must be >= 2")
         if self.mesh.model > 1:
             heads = m.kv_heads if not m.is_mla else m.num_attention_heads
             _require(heads % self.mesh.model == 0, "mesh.model",
