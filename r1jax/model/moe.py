@@ -8,7 +8,7 @@ Routing (spec §3), `route`:
       `topk_group` groups with the best top-2 sums, then top-K experts inside them;
       weights w = s[chosen] (/ Σ if norm_topk_prob) · routed_scaling_factor.
   V2: s = softmax(x W_g); greedy top-K (or group-limited by group max); no bias.
-Expert compute is dropless (`dropless_experts`): tokens sorted by expert, `jax.lax.ragged_dot`.
+Expert compute is dropless (`dropless_experts`): tokens sorted by expert, one grouped matmul.
 Under expert parallelism `r1jax.parallel.expert` swaps in its dispatch through `use_expert_fn`.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -87,19 +88,46 @@ def routing_bias_update(bias: jax.Array, loads: jax.Array, gamma: float) -> jax.
 def dropless_experts(x, routing: Routing, w_gate, w_up, w_down) -> tuple[jax.Array, dict]:
     """x [N, D] through the chosen experts, nothing dropped. w_gate/w_up [E, D, F], w_down [E, F, D].
 
-    The N*K (token, expert) pairs are sorted by expert so each expert's rows are contiguous,
-    then one grouped matmul (`ragged_dot`) per projection runs every expert at once.
+    The N*K (token, expert) pairs are sorted by expert so each expert's rows are contiguous, then
+    run as one grouped matmul per projection: `ragged_dot` on TPU/GPU (grouped-matmul kernels);
+    on CPU, where XLA's ragged_dot is a slow generic loop, as blocks padded to whole tiles.
     """
     n, k = routing.experts.shape
-    e = w_gate.shape[0]
     flat = routing.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = x[order // k]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    ys = jax.lax.ragged_dot(h, w_down, sizes)  # [N*K, D] in expert order
+    grouped = _blocked_swiglu if jax.default_backend() == "cpu" else _ragged_swiglu
+    ys = grouped(xs, flat[order], w_gate, w_up, w_down)  # [N*K, D] in expert order
     y = ys[jnp.argsort(order)].reshape(n, k, -1)
     return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype)), {}
+
+
+def _ragged_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
+    """xs [M, D] sorted by expert -> [M, D] with one `ragged_dot` per projection."""
+    sizes = jnp.bincount(sorted_experts, length=w_gate.shape[0]).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    return jax.lax.ragged_dot(h, w_down, sizes)
+
+
+def _blocked_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
+    """xs [M, D] sorted by expert -> [M, D]: each expert's rows padded to whole blocks of b rows,
+    every block one dense [b, D] x [D, F] matmul with its expert's weights (gathered per block).
+    Static shapes: at most ceil(M / b) + E blocks."""
+    m, d = xs.shape
+    e = w_gate.shape[0]
+    b = int(min(128, max(8, 2 ** int(math.log2(max(m // (4 * e), 1))))))
+    sizes = jnp.bincount(sorted_experts, length=e)
+    starts = jnp.cumsum(sizes) - sizes
+    padded = (sizes + b - 1) // b * b
+    padded_ends = jnp.cumsum(padded)
+    dest = padded_ends[sorted_experts] - padded[sorted_experts] + jnp.arange(m) - starts[sorted_experts]
+    blocks = -(-m // b) + e
+    block_expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(blocks) * b, side="right"), e - 1)
+    xb = jnp.zeros((blocks * b, d), xs.dtype).at[dest].set(xs).reshape(blocks, b, d)
+    h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, w_gate[block_expert]))
+    h = h * jnp.einsum("nbd,ndf->nbf", xb, w_up[block_expert])
+    yb = jnp.einsum("nbf,nfd->nbd", h, w_down[block_expert])
+    return yb.reshape(blocks * b, d)[dest]
 
 
 ExpertFn = Callable[..., tuple[jax.Array, dict]]

@@ -33,17 +33,17 @@ def forward(graphdef, params, extra, batch: dict) -> ModelOutput:
     return model(batch["inputs"], batch["positions"], batch["segment_ids"], mtp_inputs=batch["targets"])
 
 
-def update_routing_biases(extra: nnx.State, out: ModelOutput, gamma: float) -> nnx.State:
-    """Aux-loss-free balancing after a step: loads are sums over the global batch (the arrays
-    are global under jit), so every replica applies the same update."""
+def update_routing_biases(extra: nnx.State, loads, mtp_loads, gamma: float) -> nnx.State:
+    """Aux-loss-free balancing after a step. loads [L_moe, E] and mtp_loads [M, E] are sums over
+    the global batch (the arrays are global under jit), so every replica applies the same update."""
     extra = jax.tree.map(lambda x: x, extra, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    if out.expert_loads is not None:
+    if loads is not None:
         v = extra["moe_layers"]["ffn"]["bias"]
-        v.value = routing_bias_update(v.value, out.expert_loads, gamma)
-    if out.mtp_expert_loads is not None:
-        for k in range(out.mtp_expert_loads.shape[0]):
+        v.value = routing_bias_update(v.value, loads, gamma)
+    if mtp_loads is not None:
+        for k in range(mtp_loads.shape[0]):
             v = extra["mtp"][k]["block"]["ffn"]["bias"]
-            v.value = routing_bias_update(v.value, out.mtp_expert_loads[k], gamma)
+            v.value = routing_bias_update(v.value, mtp_loads[k], gamma)
     return extra
 
 
@@ -118,16 +118,47 @@ class TrainStep:
         _, (metrics, out) = self._loss(params, extra, batch)
         return metrics, out.logits
 
+    def _grads(self, params, extra, batch):
+        """One micro-batch: (grads, loss metrics, aux) with aux the expert loads and dispatch metrics."""
+        (_, (metrics, out)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, extra, batch)
+        aux = {name: value.mean() for name, value in out.moe_metrics.items()}
+        aux["loads"] = out.expert_loads
+        aux["mtp_loads"] = out.mtp_expert_loads
+        return grads, metrics, aux
+
+    def _accumulated_grads(self, params, extra, batch):
+        """grad_accum micro-batches under `lax.scan`: gradients and metrics averaged, loads summed.
+        Micro-batch i takes rows i, i+A, i+2A, ... so every device keeps its share of each."""
+        a = self.cfg.grad_accum
+        if a == 1:
+            return self._grads(params, extra, batch)
+
+        def split(x):
+            return jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
+
+        def body(total, micro):
+            micro = {k: rules_lib.constrain(v, ("batch", "length")) for k, v in micro.items()}
+            with self._placement():
+                part = self._grads(params, extra, micro)
+            return jax.tree.map(jnp.add, total, part), None
+
+        micro_batches = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(self._grads, params, extra, first))
+        (grads, metrics, aux), _ = jax.lax.scan(body, zeros, micro_batches)
+        mean = lambda t: jax.tree.map(lambda x: x / a, t)  # noqa: E731
+        aux = {k: (v if k in ("loads", "mtp_loads") else v / a) for k, v in aux.items()}
+        return mean(grads), mean(metrics), aux
+
     def _train_step(self, state: TrainState, batch: dict):
-        (_, (metrics, out)), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, state.extra, batch)
+        grads, metrics, aux = self._accumulated_grads(state.params, state.extra, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        extra = update_routing_biases(state.extra, out, self.cfg.model.bias_update_speed)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        if out.expert_loads is not None:
-            metrics.update(load_metrics(out.expert_loads))
-        for name, value in out.moe_metrics.items():
-            metrics[name] = value.mean()
+        loads, mtp_loads = aux.pop("loads"), aux.pop("mtp_loads")
+        extra = update_routing_biases(state.extra, loads, mtp_loads, self.cfg.model.bias_update_speed)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), **aux)
+        if loads is not None:
+            metrics.update(load_metrics(loads))
         return TrainState(state.step + 1, params, extra, opt_state), metrics, grads if self.keep_grads else None
 
     # ------------------------------------------------------------------ host API

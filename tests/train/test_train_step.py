@@ -1,5 +1,6 @@
 """The train step learns, and its pieces do what the spec says."""
 
+import chex
 import jax
 import numpy as np
 
@@ -38,3 +39,17 @@ def test_mtp_targets_stay_inside_documents():
     np.testing.assert_array_equal(np.asarray(shifted)[0, :5], [11, 12, 13, 20, 21])
     # Position 3 (segment 1) would predict a token of segment 2; the last position has no future.
     np.testing.assert_array_equal(np.asarray(valid)[0], [1, 1, 1, 0, 1, 0])
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    overrides = ("model.num_hidden_layers=2", "model.vocab_size=256", "batch_size=8", "seq_len=16")
+    results = []
+    for accum in (1, 4):
+        cfg = config_lib.load("configs/model/tiny-moe.yaml", *overrides, f"grad_accum={accum}")
+        step = TrainStep(cfg, keep_grads=True)
+        state, metrics = step(step.init(0), synthetic_batch(cfg, jax.random.key(1)))
+        results.append((metrics, state))
+    (m1, s1), (m4, s4) = results
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+    chex.assert_trees_all_close(m4["grads"], m1["grads"], rtol=1e-4, atol=1e-7)
+    chex.assert_trees_all_close(s4.extra, s1.extra)  # loads summed over micro-batches

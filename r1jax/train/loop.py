@@ -1,0 +1,166 @@
+"""The training loop shared by every mode: data -> compiled step -> metrics -> checkpoints.
+
+    summary = train(config.load("configs/tiny-pretrain.yaml", "steps=50"))
+
+Resuming (`resume: auto`) restores params, optimizer, step, routing biases and the data
+iterator from the newest good checkpoint, so a killed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from r1jax import checkpoint as ckpt_lib
+from r1jax.config import Config, ConfigError, to_dict
+from r1jax.data.datasets import eval_batches, load_or_train_tokenizer, make_dataset
+from r1jax.data.pipeline import to_global_batch
+from r1jax.model.summary import train_flops_per_token
+from r1jax.parallel.mesh import initialize_distributed, make_mesh
+from r1jax.train.metrics import MetricsLogger, measure_peak_flops, plot_curves, to_python
+from r1jax.train.state import learning_rate_schedule
+from r1jax.train.step import TrainStep
+
+log = logging.getLogger(__name__)
+CURVES = ("loss", "eval_loss", "mtp_ce", "balance_loss", "grad_norm", "lr", "tokens_per_s")
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    run_dir: str
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    final_eval_loss: float | None
+    tokens_per_s: float | None  # mean over steps after the first (compile) step
+    mfu: float | None
+    peak_flops: float
+    checkpoint_dir: str
+    params_dir: str
+    plot: str | None
+    wall_s: float
+
+    def table(self) -> str:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        rows = [
+            ("run dir", self.run_dir), ("steps", str(self.steps)),
+            ("loss first -> final", f"{fmt(self.first_loss, '.3f')} -> {fmt(self.final_loss, '.3f')}"),
+            ("held-out loss", fmt(self.final_eval_loss, ".3f")),
+            ("tokens/s", fmt(self.tokens_per_s, ",.0f")),
+            ("MFU", f"{fmt(self.mfu and self.mfu * 100, '.1f')}% of {self.peak_flops / 1e9:.0f} GFLOP/s (measured GEMM peak)"),
+            ("checkpoints", self.checkpoint_dir), ("params for serving", self.params_dir),
+            ("curves", self.plot or "-"), ("wall time", f"{self.wall_s:.0f} s"),
+        ]
+        return "\n".join(f"  {k:<22}{v}" for k, v in rows)
+
+
+def _evaluate(step_fn: TrainStep, state, batches: list[dict]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in batches:
+        metrics, _ = step_fn.evaluate(state, to_global_batch(batch, step_fn.batch_shardings["inputs"]))
+        for k, v in to_python(metrics).items():
+            totals[k] = totals.get(k, 0.0) + v / len(batches)
+    return totals
+
+
+def _start_state(cfg: Config, step_fn: TrainStep, checkpointer: ckpt_lib.Checkpointer, iterator):
+    """(state, start step): restored from the newest good checkpoint, or fresh (optionally with
+    the params of `init_from`)."""
+    if cfg.resume == "auto" and checkpointer.latest_step() is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                step_fn.abstract, step_fn.state_shardings)
+        state, data_state, _ = checkpointer.restore(abstract)
+        if data_state is not None:
+            iterator.set_state(data_state)
+        log.info("resumed %s at step %d", cfg.run_dir, int(state.step))
+        return state, int(state.step)
+    state = step_fn.init(cfg.seed)
+    if cfg.init_from:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                (step_fn.abstract.params, step_fn.abstract.extra),
+                                (step_fn.state_shardings.params, step_fn.state_shardings.extra))
+        params, extra = ckpt_lib.load_params(ckpt_lib.resolve(cfg.init_from), abstract)
+        state = step_fn.place(state.replace(params=params, extra=extra, opt_state=step_fn.optimizer.init(params)))
+        log.info("initialised from %s", cfg.init_from)
+    return state, 0
+
+
+def train(cfg: Config) -> TrainSummary:
+    """Runs `cfg.steps` optimizer steps of `cfg.mode` (pretrain or sft) and returns a summary."""
+    if cfg.mode not in ("pretrain", "sft"):
+        raise ConfigError("mode", f"train() runs pretrain and sft; {cfg.mode!r} has its own entry point")
+    t_start = time.perf_counter()
+    initialize_distributed(cfg.distributed)
+    mesh = make_mesh(cfg.mesh)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    tokenizer = load_or_train_tokenizer(cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    step_fn = TrainStep(cfg, mesh)
+    checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
+                                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    iterator = iter(make_dataset(cfg, tokenizer))
+    state, start = _start_state(cfg, step_fn, checkpointer, iterator)
+    held_out = eval_batches(cfg, tokenizer)
+
+    # Emulated CPU devices share one machine's cores: its peak is the peak of all of them.
+    peak = measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    flops_per_step = train_flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
+    schedule = learning_rate_schedule(cfg.optim)
+    logger = MetricsLogger(run_dir, jsonl=cfg.metrics_jsonl, total_steps=cfg.steps, start_step=start)
+    first_loss = last_loss = eval_loss = None
+    speeds = []
+    meta = {"config": to_dict(cfg), "tokenizer": str(getattr(tokenizer, "model_file", ""))}
+    try:
+        for step in range(start, cfg.steps):
+            batch = to_global_batch(next(iterator), step_fn.batch_shardings["inputs"])
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            metrics = to_python(metrics)
+            dt = time.perf_counter() - t0
+            if step > start:
+                speeds.append(tokens_per_step / dt)
+            metrics.update(lr=float(schedule(step)), step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                           mfu=flops_per_step / dt / peak)
+            first_loss = metrics["loss"] if first_loss is None else first_loss
+            last_loss = metrics["loss"]
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                logger.log(step + 1, metrics)
+            if held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                eval_loss = _evaluate(step_fn, state, held_out)["loss"]
+                logger.log(step + 1, {"loss": eval_loss}, prefix="eval_")
+            if checkpointer.should_save(step + 1):
+                checkpointer.save(step + 1, state, data_state=iterator.get_state(), meta=meta)
+        if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
+            eval_loss = _evaluate(step_fn, state, held_out)["loss"]
+            logger.log(cfg.steps, {"loss": eval_loss}, prefix="eval_")
+        if checkpointer.latest_step() != cfg.steps:
+            checkpointer.save(cfg.steps, state, data_state=iterator.get_state(), meta=meta, force=True)
+        checkpointer.wait()
+        params_dir = run_dir / "params"
+        ckpt_lib.export_params(params_dir, state, meta)
+    finally:
+        logger.close()
+        checkpointer.close()
+    plot = None
+    if jax.process_index() == 0 and logger.history:
+        plot = str(plot_curves(logger.history, run_dir / "curves.png", CURVES, title=f"{cfg.mode}: {run_dir.name}"))
+    mean_speed = float(np.mean(speeds)) if speeds else None
+    return TrainSummary(
+        run_dir=str(run_dir), steps=cfg.steps, first_loss=first_loss, final_loss=last_loss,
+        final_eval_loss=eval_loss, tokens_per_s=mean_speed,
+        mfu=mean_speed and mean_speed * flops_per_step / tokens_per_step / peak,
+        peak_flops=peak, checkpoint_dir=str(run_dir / "checkpoints"), params_dir=str(params_dir), plot=plot,
+        wall_s=time.perf_counter() - t_start,
+    )

@@ -1,0 +1,32 @@
+"""Train r1jax models: `python train.py CONFIG [key=value ...]`.
+
+    python train.py configs/tiny-pretrain.yaml steps=200 run_dir=runs/pre
+    python train.py configs/tiny-sft.yaml init_from=runs/pre run_dir=runs/sft
+"""
+
+import logging
+import sys
+
+from r1jax import config as config_lib
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_lib.load(argv[0], *argv[1:])
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from r1jax.train.loop import train
+
+    summary = train(cfg)
+    print(f"\n{cfg.mode} finished")
+    print(summary.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
