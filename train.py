@@ -15,12 +15,15 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
     try:
         cfg = config_lib.load(argv[0], *argv[1:])
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from r1jax.train.loop import train
+
+    logging.getLogger("r1jax").setLevel(logging.INFO)
 
     summary = train(cfg)
     print(f"\n{cfg.mode} finished")

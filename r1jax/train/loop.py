@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from r1jax.train.state import learning_rate_schedule
 from r1jax.train.step import TrainStep
 
 log = logging.getLogger(__name__)
+_KILL_AT_STEP = int(os.environ.get("R1JAX_FAULT_KILL_AT_STEP", "0"))
 CURVES = ("loss", "eval_loss", "mtp_ce", "balance_loss", "grad_norm", "lr", "tokens_per_s")
 
 
@@ -45,6 +48,7 @@ class TrainSummary:
     params_dir: str
     plot: str | None
     wall_s: float
+    resumed_from: int | None = None
 
     def table(self) -> str:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -57,6 +61,8 @@ class TrainSummary:
             ("checkpoints", self.checkpoint_dir), ("params for serving", self.params_dir),
             ("curves", self.plot or "-"), ("wall time", f"{self.wall_s:.0f} s"),
         ]
+        if self.resumed_from is not None:
+            rows.insert(2, ("resumed from step", str(self.resumed_from)))
         return "\n".join(f"  {k:<22}{v}" for k, v in rows)
 
 
@@ -85,7 +91,7 @@ def _start_state(cfg: Config, step_fn: TrainStep, checkpointer: ckpt_lib.Checkpo
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 (step_fn.abstract.params, step_fn.abstract.extra),
                                 (step_fn.state_shardings.params, step_fn.state_shardings.extra))
-        params, extra = ckpt_lib.load_params(ckpt_lib.resolve(cfg.init_from), abstract)
+        params, extra = ckpt_lib.load_params(cfg.init_from, abstract)  # falls back past a broken newest step
         state = step_fn.place(state.replace(params=params, extra=extra, opt_state=step_fn.optimizer.init(params)))
         log.info("initialised from %s", cfg.init_from)
     return state, 0
@@ -142,6 +148,8 @@ def train(cfg: Config) -> TrainSummary:
                 logger.log(step + 1, {"loss": eval_loss}, prefix="eval_")
             if checkpointer.should_save(step + 1):
                 checkpointer.save(step + 1, state, data_state=iterator.get_state(), meta=meta)
+            if step + 1 == _KILL_AT_STEP:  # fault injection for the kill-and-resume test
+                os.kill(os.getpid(), signal.SIGKILL)
         if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
             eval_loss = _evaluate(step_fn, state, held_out)["loss"]
             logger.log(cfg.steps, {"loss": eval_loss}, prefix="eval_")
@@ -162,5 +170,5 @@ def train(cfg: Config) -> TrainSummary:
         final_eval_loss=eval_loss, tokens_per_s=mean_speed,
         mfu=mean_speed and mean_speed * flops_per_step / tokens_per_step / peak,
         peak_flops=peak, checkpoint_dir=str(run_dir / "checkpoints"), params_dir=str(params_dir), plot=plot,
-        wall_s=time.perf_counter() - t_start,
+        wall_s=time.perf_counter() - t_start, resumed_from=start or None,
     )

@@ -103,8 +103,12 @@ def plot_curves(records: list[dict], path: str | Path, keys: tuple[str, ...], ti
     import matplotlib.pyplot as plt
 
     keys = tuple(k for k in keys if any(k in r for r in records))
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.5 * max(len(keys), 1), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    cols = min(4, max(len(keys), 1))
+    rows = -(-max(len(keys), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)

@@ -1,0 +1,624 @@
+"""Sampling: cached prefill and decode as small free functions, and a continuous-batching engine.
+
+    completions = generate(model, prompts, SamplingParams(temperature=0.6, top_p=0.95, max_tokens=512), n=8)
+
+    engine = Engine(model, slots=16, max_len=4096, tokenizer=tok)    # a server thread drives this
+    engine.add_request("r1", prompt_ids, SamplingParams(...), on_token=callback)
+    while engine.has_work():
+        engine.step()            # admits waiting requests, then one token for every active slot
+
+Letters: B slots (batch rows), T new tokens per row, S cache length, D width, H heads, N nope dim,
+R rope dim, L kv_lora rank, V value head dim / vocab (by context), G kv heads, J query heads per
+kv head, K head dim.
+
+How it runs (gpt-fast style): the cache (`r1jax.sampling.cache`) is static, the compiled
+functions write it in place (donated), and only three functions are compiled: `prefill` (once
+per (rows, length) bucket: prompts are right-padded to a power of two, longer ones run in
+chunks of `prefill_chunk`), the hot decode + sample step (once), and a row copy (once). The
+host reads back one [B] vector of tokens and one of log-probs per step, nothing else.
+
+MLA decode is "absorbed" (spec §2): W_kvb's key half folds into the query
+(q_lat = q_nope · W_kb, [B,H,L]), attention scores are q_lat · c_kv + q_rope · k_rope over the
+cached latent, the output stays in latent space (probs · c_kv) until W_kvb's value half and
+`wo` map it out. Nothing per head is rebuilt from the cache. Prefill (many query tokens) uses
+the training form, with K/V rebuilt from the latent, which costs fewer FLOPs there; so does
+`naive_decode_step`, kept for tests.
+
+Sampling: greedy (temperature 0), temperature, top-k, top-p; each slot draws with
+key = fold_in(fold_in(key(seed), sample_index), token_index), so a request's tokens depend on
+its seed and its own logits only, never on what it is batched with. Log-probs are those of the
+distribution actually sampled from (after temperature, top-k, top-p); for greedy requests,
+the model's own log-prob of the argmax token (temperature 1, no truncation).
+
+`n` samples of one prompt (and any identical prompts admitted together) are prefilled once:
+the cache rows are copied to the other slots, then each samples its own continuation.
+
+Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
+slot), no pipelining of host bookkeeping with the next device step.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import math
+import secrets
+from typing import Any, Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from r1jax.config import ModelConfig
+from r1jax.model.decoder import Decoder
+from r1jax.model.layers import attend
+from r1jax.model.mla import MLA
+from r1jax.model.moe import MoE, use_expert_fn
+from r1jax.parallel import rules as rules_lib
+from r1jax.parallel.rules import MeshAxes, constrain
+from r1jax.sampling.cache import Cache, cache_shardings, init_cache
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None  # None: a fresh random seed per request
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings, checked on the decoded text (needs a tokenizer)
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens, a final stop token included
+    logprobs: list[float]  # one per token
+    finish_reason: str  # "stop" | "length"
+    text: str | None = None  # decoded (stop token / stop string excluded) when a tokenizer was given
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    request_id: Hashable
+    token_id: int
+    logprob: float
+    finish_reason: str | None  # set on a request's last event
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A decoder as (graphdef, params, extra): what the compiled functions take. Built from a
+    `Decoder` or a train state without copying any array."""
+
+    graphdef: Any
+    params: Any
+    extra: Any
+
+    @classmethod
+    def of(cls, model_or_state) -> "Weights":
+        if isinstance(model_or_state, Weights):
+            return model_or_state
+        if isinstance(model_or_state, nnx.Module):
+            return cls(*nnx.split(model_or_state, nnx.Param, ...))
+        if isinstance(model_or_state, (tuple, list)):
+            if len(model_or_state) == 3:
+                return cls(*model_or_state)
+            if len(model_or_state) == 2:  # (graphdef, TrainState)
+                graphdef, state = model_or_state
+                return cls(graphdef, state.params, state.extra)
+        raise TypeError("expected a Decoder, (graphdef, params, extra) or (graphdef, TrainState)")
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return nnx.merge(self.graphdef, self.params, self.extra).cfg
+
+    def model(self) -> Decoder:
+        return nnx.merge(self.graphdef, self.params, self.extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the compiled functions run: a mesh and rules table (activations), the expert
+    dispatch. Hashable: a static argument of the compiled functions."""
+
+    mesh: Mesh | None = None
+    rules: tuple[tuple[str, MeshAxes], ...] = ()
+    capacity_factor: float | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.mesh is None:
+            yield
+            return
+        from r1jax.parallel.expert import make_expert_fn
+
+        rules = dict(self.rules)
+        mode = "dropless" if self.capacity_factor is None else "capacity"
+        fn = make_expert_fn(self.mesh, rules, mode=mode, capacity_factor=self.capacity_factor)
+        with rules_lib.use_rules(self.mesh, rules), use_expert_fn(fn):
+            yield
+
+    def constrain_cache(self, cache: Cache, cfg: ModelConfig) -> Cache:
+        """Keeps the cache in its own layout from step to step (no resharding, no recompiles)."""
+        if self.mesh is None:
+            return cache
+        sh = cache_shardings(cfg, cache.slots, cache.max_len, self.mesh, dict(self.rules), "mtp" in cache.stacks)
+        return jax.lax.with_sharding_constraint(cache, sh)
+
+
+# ----------------------------------------------------------------------------- cached forward
+
+
+def _write_read(arr: jax.Array, i, rows: jax.Array | None, positions: jax.Array, new: jax.Array):
+    """arr [Y,B_all,S,...]: writes new [B,T,...] at (layer i, slot rows[b], positions[b,t]) (out of
+    range: dropped), then reads layer i of those slots [B,S,...] in the compute dtype."""
+    b = new.shape[0]
+    slot = (jnp.arange(b) if rows is None else rows)[:, None]
+    arr = arr.at[i, slot, positions].set(new.astype(arr.dtype), mode="drop")
+    layer = jax.lax.dynamic_index_in_dim(arr, i, 0, keepdims=False)
+    if rows is not None:
+        layer = layer[rows]
+    return arr, layer.astype(new.dtype)
+
+
+def _mask(positions: jax.Array, s: int) -> jax.Array:
+    """[B,T] query positions -> [B,1,T,S]: cache entry s is visible iff s <= the query position."""
+    return (jnp.arange(s)[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask) -> jax.Array:
+    """Attention over the latent. q_nope [B,T,H,N], q_rope [B,T,H,R], c [B,S,L], k_rope [B,S,R],
+    mask [B,1,T,S] -> [B,T,D]."""
+    dt = attn.dtype
+    q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, attn.wkv_b_k[...].astype(dt))
+    logits = jnp.einsum("BTHL,BSL->BHTS", q_lat, c, preferred_element_type=jnp.float32)
+    logits += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits * attn.scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out_lat = jnp.einsum("BHTS,BSL->BTHL", probs, c)
+    out = jnp.einsum("BTHL,LHV->BTHV", out_lat, attn.wkv_b_v[...].astype(dt))
+    return jnp.einsum("BTHV,HVD->BTD", out, attn.wo[...].astype(dt))
+
+
+def mla_naive(attn: MLA, q_nope, q_rope, c, k_rope, mask) -> jax.Array:
+    """The same attention with per-head K/V rebuilt from the latent (the training form)."""
+    dt = attn.dtype
+    k_nope = jnp.einsum("BSL,LHN->BSHN", c, attn.wkv_b_k[...].astype(dt))
+    v = jnp.einsum("BSL,LHV->BSHV", c, attn.wkv_b_v[...].astype(dt))
+    h = q_nope.shape[2]
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, k_rope.shape[-1]))], -1)
+    out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, attn.scale)
+    return jnp.einsum("BTHV,HVD->BTD", out, attn.wo[...].astype(dt))
+
+
+def gqa_cached(attn, q, k, v, mask) -> jax.Array:
+    """q [B,T,H,K], cached k, v [B,S,G,K]; query head h reads kv head h // J."""
+    b, t, h, kd = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, t, g, h // g, kd)
+    logits = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32) * attn.scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BGJTS,BSGK->BTGJK", probs, v).reshape(b, t, h, kd)
+    return attn.output(out)
+
+
+def _attention(attn, h, positions, arrays: dict, i, rows, absorbed: bool):
+    arrays = dict(arrays)
+    s = next(iter(arrays.values())).shape[2]
+    mask = _mask(positions, s)
+    if isinstance(attn, MLA):
+        q_nope, q_rope = attn.queries(h, positions)
+        c_new, kr_new = attn.latent(h, positions)
+        arrays["c_kv"], c = _write_read(arrays["c_kv"], i, rows, positions, c_new)
+        arrays["k_rope"], kr = _write_read(arrays["k_rope"], i, rows, positions, kr_new)
+        return (mla_absorbed if absorbed else mla_naive)(attn, q_nope, q_rope, c, kr, mask), arrays
+    q = attn.query(h, positions)
+    k_new, v_new = attn.project_kv(h, positions)
+    arrays["k"], k = _write_read(arrays["k"], i, rows, positions, k_new)
+    arrays["v"], v = _write_read(arrays["v"], i, rows, positions, v_new)
+    return gqa_cached(attn, q, k, v, mask), arrays
+
+
+def block_cached(block, x, positions, arrays, i, rows, absorbed: bool):
+    """`Block.__call__` with the attention reading and writing layer i of a stack's cache."""
+    a, arrays = _attention(block.attn, block.input_norm(x), positions, arrays, i, rows, absorbed)
+    x = x + a
+    h = block.post_attn_norm(x)
+    y = block.ffn(h)[0] if isinstance(block.ffn, MoE) else block.ffn(h)
+    return constrain(x + y, ("batch", "length", "embed")), arrays
+
+
+def _scan_stack(blocks, arrays, x, positions, rows, absorbed):
+    graphdef, state = nnx.split(blocks)
+    n = next(iter(arrays.values())).shape[0]
+
+    def body(carry, xs):
+        x, arrays = carry
+        layer_state, i = xs
+        x, arrays = block_cached(nnx.merge(graphdef, layer_state), x, positions, arrays, i, rows, absorbed)
+        return (x, arrays), None
+
+    (x, arrays), _ = jax.lax.scan(body, (x, arrays), (state, jnp.arange(n)))
+    return x, arrays
+
+
+def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows=None, absorbed=True):
+    """tokens [B,T] at positions [B,T] of slots `rows` ([B]; None: all slots, B = slots) through
+    the main stacks, writing their cache entries -> (hidden before the final norm [B,T,D], stacks)."""
+    stacks = dict(stacks)
+    x = model.embed_tokens(tokens)
+    for name, blocks in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if blocks is not None:
+            x, stacks[name] = _scan_stack(blocks, stacks[name], x, positions, rows, absorbed)
+    return x, stacks
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def slot_keys(seeds, sample_index, token_index) -> jax.Array:
+    """[B] key per slot: fold_in(fold_in(key(seed), sample_index), token_index)."""
+    one = lambda s, j, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), j), t)  # noqa: E731
+    return jax.vmap(one)(seeds.astype(jnp.uint32), sample_index, token_index)
+
+
+def sample_tokens(logits, temperature, top_k, top_p, keys) -> tuple[jax.Array, jax.Array]:
+    """logits [B,V] f32 and per-row params -> (tokens [B] int32, log-probs [B] f32)."""
+    b, v = logits.shape
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    neg_sorted, order = jax.lax.sort_key_val(-scaled, jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v)))
+    ranked = -neg_sorted  # descending; ties keep the lower id first, as argmax does
+    rank = jnp.arange(v)[None]
+    keep = rank < jnp.where(top_k > 0, top_k, v)[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the top token always stays
+    masked = jnp.where(keep, ranked, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    choice = jnp.where(greedy, 0, choice)
+    tokens = jnp.take_along_axis(order, choice[:, None], axis=1)[:, 0]
+    sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), choice[:, None], axis=1)[:, 0]
+    model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
+    return tokens, jnp.where(greedy, model_lp, sampled_lp)
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache", "logits_buf"))
+def _prefill_chunk(graphdef, placement: Placement, params, extra, cache: Cache, logits_buf, tokens, start, rows,
+                   lengths):
+    """One chunk of right-padded prompts: tokens [P,T] at positions start[p] + t of slots rows
+    [P] (>= slots: padding rows, dropped). Last-token logits of rows whose prompt ends in this
+    chunk go to logits_buf [slots, V]; lengths [P] become the slots' lengths."""
+    with placement.active():
+        model = nnx.merge(graphdef, params, extra)
+        t = tokens.shape[1]
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        x, stacks = forward_cached(model, cache.stacks, tokens, positions, rows, absorbed=False)
+        idx = lengths - 1 - start
+        last = jnp.take_along_axis(x, jnp.clip(idx, 0, t - 1)[:, None, None], axis=1)
+        logits = model.head(model.norm(last))[:, 0]
+        in_chunk = (idx >= 0) & (idx < t)
+        old = logits_buf[jnp.minimum(rows, logits_buf.shape[0] - 1)]
+        logits_buf = logits_buf.at[rows].set(jnp.where(in_chunk[:, None], logits, old), mode="drop")
+        cache = Cache(stacks, cache.lengths.at[rows].set(lengths, mode="drop"))
+        cache = placement.constrain_cache(cache, model.cfg)
+    return cache, logits_buf
+
+
+def _decode_logits(graphdef, placement, absorbed, params, extra, cache: Cache, tokens, active):
+    with placement.active():
+        model = nnx.merge(graphdef, params, extra)
+        positions = cache.lengths[:, None]
+        x, stacks = forward_cached(model, cache.stacks, tokens[:, None], positions, None, absorbed)
+        logits = model.head(model.norm(x))[:, 0]
+        cache = placement.constrain_cache(Cache(stacks, cache.lengths + active.astype(jnp.int32)), model.cfg)
+    return cache, logits, x[:, 0]
+
+
+_decode_logits_jit = jax.jit(_decode_logits, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _decode_and_sample(graphdef, placement, params, extra, cache: Cache, tokens, active, temperature, top_k, top_p,
+                       seeds, sample_index, token_index):
+    """The hot step: one token for every slot, sampled on device."""
+    cache, logits, _ = _decode_logits(graphdef, placement, True, params, extra, cache, tokens, active)
+    keys = slot_keys(seeds, sample_index, token_index)
+    new, logprobs = sample_tokens(logits, temperature, top_k, top_p, keys)
+    return cache, new, logprobs
+
+
+@jax.jit
+def _sample_rows(logits_buf, temperature, top_k, top_p, seeds, sample_index, token_index):
+    return sample_tokens(logits_buf, temperature, top_k, top_p, slot_keys(seeds, sample_index, token_index))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "logits_buf"))
+def _copy_rows(cache: Cache, logits_buf, src, dst):
+    """Slot dst[i] <- slot src[i] (cache rows, length, pending logits); dst >= slots: no-op."""
+    cp = lambda a: a.at[:, dst].set(a[:, jnp.minimum(src, a.shape[1] - 1)], mode="drop")  # noqa: E731
+    stacks = jax.tree.map(cp, cache.stacks)
+    lengths = cache.lengths.at[dst].set(cache.lengths[jnp.minimum(src, cache.slots - 1)], mode="drop")
+    logits_buf = logits_buf.at[dst].set(logits_buf[jnp.minimum(src, logits_buf.shape[0] - 1)], mode="drop")
+    return Cache(stacks, lengths), logits_buf
+
+
+# ----------------------------------------------------------------------------- free functions
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def prefill(weights, cache: Cache, prompts: Sequence[Sequence[int]], rows: Sequence[int], logits_buf=None, *,
+            chunk: int = 256, min_bucket: int = 16, min_rows: int = 1, placement: Placement = Placement()):
+    """Writes whole prompts into the cache slots `rows` -> (cache, logits_buf [slots, V]: the
+    last-token logits in those rows). One compiled call per chunk, compiled once per
+    (rows bucket, length bucket); `cache` and `logits_buf` are donated."""
+    w = Weights.of(weights)
+    slots = cache.slots
+    if logits_buf is None:
+        logits_buf = jnp.zeros((slots, w.cfg.vocab_size), jnp.float32)
+    if not prompts:
+        return cache, logits_buf
+    p = min(_pow2(len(prompts), min_rows), _pow2(slots, min_rows))
+    longest = max(len(x) for x in prompts)
+    t = min(_pow2(longest, min_bucket), chunk)
+    total = math.ceil(longest / t) * t
+    tokens = np.zeros((p, total), np.int32)
+    for i, x in enumerate(prompts):
+        tokens[i, : len(x)] = x
+    row_ids = np.full((p,), slots, np.int32)
+    row_ids[: len(rows)] = rows
+    lengths = np.zeros((p,), np.int32)
+    lengths[: len(prompts)] = [len(x) for x in prompts]
+    for s in range(0, total, t):
+        cache, logits_buf = _prefill_chunk(w.graphdef, placement, w.params, w.extra, cache, logits_buf,
+                                           tokens[:, s: s + t], np.full((p,), s, np.int32), row_ids, lengths)
+    return cache, logits_buf
+
+
+def decode_step(weights, cache: Cache, tokens, active=None, *, placement: Placement = Placement()):
+    """Absorbed MLA (or GQA) decode of one token per slot -> (cache, logits [B,V] f32, hidden [B,D])."""
+    w = Weights.of(weights)
+    active = jnp.ones((cache.slots,), bool) if active is None else active
+    return _decode_logits_jit(w.graphdef, placement, True, w.params, w.extra, cache, jnp.asarray(tokens, jnp.int32),
+                              active)
+
+
+def naive_decode_step(weights, cache: Cache, tokens, active=None, *, placement: Placement = Placement()):
+    """`decode_step` with per-head K/V rebuilt from the cached latent (tests only)."""
+    w = Weights.of(weights)
+    active = jnp.ones((cache.slots,), bool) if active is None else active
+    return _decode_logits_jit(w.graphdef, placement, False, w.params, w.extra, cache,
+                              jnp.asarray(tokens, jnp.int32), active)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: Hashable
+    prompt: list[int]
+    sampling: SamplingParams
+    on_token: Callable[[Event], None] | None
+    sample_index: int
+    seed: int
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None
+    slot: int | None = None
+
+
+class Engine:
+    """Continuous batching over `slots` fixed cache rows. `step()` admits waiting requests into
+    free slots (prefill, first token), then decodes one token for every active slot; a finished
+    or aborted request frees its slot for the next step. Not thread-safe: one thread drives it."""
+
+    def __init__(self, model_or_state, *, slots: int = 8, max_len: int = 1024, tokenizer=None,
+                 cache_dtype=jnp.bfloat16, mesh: Mesh | None = None, rules: dict[str, MeshAxes] | None = None,
+                 capacity_factor: float | None = None, prefill_chunk: int = 256, min_bucket: int = 16):
+        w = Weights.of(model_or_state)
+        self.cfg = w.cfg
+        self.tokenizer = tokenizer
+        self.slots, self.max_len = slots, max_len
+        self.prefill_chunk, self.min_bucket = prefill_chunk, min_bucket
+        self.min_rows = 1
+        self.cache_shardings = None
+        if mesh is not None:
+            from r1jax.train.state import shardings
+
+            rules = rules or rules_lib.rules_for(False)
+            batch_axes = rules_lib.to_pspec(("batch",), rules, mesh.axis_names)[0]
+            batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+            self.min_rows = math.prod(mesh.shape[a] for a in batch_axes)
+            if slots % self.min_rows:
+                raise ValueError(f"slots={slots} do not split over the batch axes ({self.min_rows} shards)")
+            w = Weights(w.graphdef, jax.device_put(w.params, shardings(w.params, mesh, rules)),
+                        jax.device_put(w.extra, shardings(w.extra, mesh, rules)))
+            self.placement = Placement(mesh, tuple(sorted(rules.items())), capacity_factor)
+        else:
+            self.placement = Placement()
+        self.weights = w
+        self.cache = init_cache(self.cfg, slots, max_len, dtype=cache_dtype, mesh=mesh, rules=rules)
+        self.logits_buf = jnp.zeros((slots, self.cfg.vocab_size), jnp.float32)
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: dict[int, _Request] = {}  # slot -> request
+        self.by_id: dict[Hashable, _Request] = {}
+        self.last_token = np.zeros((slots,), np.int32)
+        self.lengths = np.zeros((slots,), np.int32)
+        self.decode_steps = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: Hashable, prompt_ids: Sequence[int], sampling: SamplingParams,
+                    on_token: Callable[[Event], None] | None = None, *, sample_index: int = 0) -> None:
+        if request_id in self.by_id:
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        if not 0 < len(prompt_ids) < self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens: need 1..{self.max_len - 1} (max_len)")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+        req = _Request(request_id, list(map(int, prompt_ids)), sampling, on_token, sample_index, seed)
+        self.by_id[request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: Hashable) -> None:
+        """Drops a request (waiting or running); its slot is free for the next step. No event."""
+        req = self.by_id.pop(request_id, None)
+        if req is None:
+            return
+        if req.slot is not None:
+            self.running.pop(req.slot, None)
+        else:
+            self.waiting.remove(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def result(self, request_id: Hashable) -> Completion:
+        req = self.by_id[request_id]
+        return Completion(req.token_ids, req.logprobs, req.finish_reason, req.text)
+
+    def pop_result(self, request_id: Hashable) -> Completion:
+        out = self.result(request_id)
+        del self.by_id[request_id]
+        return out
+
+    # ------------------------------------------------------------------ stepping
+
+    def _slot_arrays(self, slots: Sequence[int]):
+        n = self.slots
+        temp, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
+        seeds, sidx, tidx = np.zeros(n, np.uint32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        for s in slots:
+            r = self.running[s]
+            temp[s], top_k[s], top_p[s] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
+            seeds[s], sidx[s], tidx[s] = r.seed, r.sample_index, len(r.token_ids)
+        return temp, top_k, top_p, seeds, sidx, tidx
+
+    def _admit(self) -> list[int]:
+        free = [s for s in range(self.slots) if s not in self.running]
+        admitted = []
+        while self.waiting and free:
+            req = self.waiting.popleft()
+            req.slot = free.pop(0)
+            self.running[req.slot] = req
+            admitted.append(req)
+        if not admitted:
+            return []
+        # Identical prompts (the n samples of one prompt) are prefilled once and copied.
+        first: dict[tuple[int, ...], int] = {}
+        copies = []
+        for req in admitted:
+            key = tuple(req.prompt)
+            if key in first:
+                copies.append((first[key], req.slot))
+            else:
+                first[key] = req.slot
+        unique = [self.running[s] for s in first.values()]
+        by_bucket: dict[int, list[_Request]] = collections.defaultdict(list)
+        for req in unique:
+            by_bucket[min(_pow2(len(req.prompt), self.min_bucket), self.prefill_chunk)].append(req)
+        for group in by_bucket.values():
+            for i in range(0, len(group), self.slots):
+                part = group[i: i + self.slots]
+                self.cache, self.logits_buf = prefill(
+                    self.weights, self.cache, [r.prompt for r in part], [r.slot for r in part], self.logits_buf,
+                    chunk=self.prefill_chunk, min_bucket=self.min_bucket, min_rows=self.min_rows,
+                    placement=self.placement)
+        if copies:
+            src = np.full((self.slots,), self.slots, np.int32)
+            dst = np.full((self.slots,), self.slots, np.int32)
+            src[: len(copies)], dst[: len(copies)] = zip(*copies)
+            self.cache, self.logits_buf = _copy_rows(self.cache, self.logits_buf, src, dst)
+        for req in admitted:
+            self.lengths[req.slot] = len(req.prompt)
+        return [r.slot for r in admitted]
+
+    def step(self) -> list[Event]:
+        """Admits what fits, then one decode step for every active slot. Returns the events
+        (also passed to each request's `on_token`)."""
+        events: list[Event] = []
+        admitted = self._admit()
+        if admitted:
+            tokens, logprobs = _sample_rows(self.logits_buf, *self._slot_arrays(admitted))
+            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+            for s in admitted:
+                self._emit(s, int(tokens[s]), float(logprobs[s]), events)
+        if self.running:
+            slots = sorted(self.running)
+            active = np.zeros((self.slots,), bool)
+            active[slots] = True
+            w = self.weights
+            self.cache, tokens, logprobs = _decode_and_sample(
+                w.graphdef, self.placement, w.params, w.extra, self.cache, self.last_token, active,
+                *self._slot_arrays(slots))
+            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+            self.decode_steps += 1
+            for s in slots:
+                self.lengths[s] += 1
+                self._emit(s, int(tokens[s]), float(logprobs[s]), events)
+        return events
+
+    def _emit(self, slot: int, token: int, logprob: float, events: list[Event]) -> None:
+        req = self.running[slot]
+        req.token_ids.append(token)
+        req.logprobs.append(logprob)
+        self.last_token[slot] = token
+        sp = req.sampling
+        reason = None
+        stop_at = None
+        if token in sp.stop_token_ids:
+            reason = "stop"
+        elif sp.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.token_ids)
+            hits = [text.find(s) for s in sp.stop if s in text]
+            if hits:
+                reason, stop_at = "stop", min(hits)
+        if reason is None and (len(req.token_ids) >= sp.max_tokens or self.lengths[slot] >= self.max_len):
+            reason = "length"  # max_tokens, or the cache row is full (this token has no place in it)
+        if reason is not None:
+            req.finish_reason = reason
+            if self.tokenizer is not None:
+                ids = req.token_ids[:-1] if token in sp.stop_token_ids else req.token_ids
+                text = self.tokenizer.decode(ids)
+                req.text = text[:stop_at] if stop_at is not None else text
+            del self.running[slot]
+            req.slot = None
+        event = Event(req.request_id, token, logprob, reason)
+        events.append(event)
+        if req.on_token is not None:
+            req.on_token(event)
+
+
+def generate(model_or_state, prompts: list[list[int]], sampling: SamplingParams, n: int = 1, *, tokenizer=None,
+             engine: Engine | None = None, slots: int | None = None, max_len: int | None = None,
+             **engine_kwargs) -> list[list[Completion]]:
+    """n completions of every prompt. Request (i, j) uses the seed `sampling.seed` and sample
+    index j, so its tokens do not depend on the other prompts. Builds an `Engine` unless one is
+    given (slots and max_len round up to powers of two, so repeated calls reuse compilations)."""
+    if engine is None:
+        longest = max(len(p) for p in prompts)
+        max_len = max_len or _pow2(longest + sampling.max_tokens, 64)
+        slots = slots or min(_pow2(len(prompts) * n, 8), 64)
+        engine = Engine(model_or_state, slots=slots, max_len=max_len, tokenizer=tokenizer, **engine_kwargs)
+    seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+    sampling = dataclasses.replace(sampling, seed=seed)
+    for i, prompt in enumerate(prompts):
+        for j in range(n):
+            engine.add_request(("generate", i, j), prompt, sampling, sample_index=j)
+    while engine.has_work():
+        engine.step()
+    return [[engine.pop_result(("generate", i, j)) for j in range(n)] for i in range(len(prompts))]

@@ -1,0 +1,145 @@
+"""Greedy speculative decoding with the depth-1 MTP module as the drafter (spec §4).
+
+Per slot the state is: the cache holds positions < ℓ, `last` (token ℓ, sampled, not yet in
+the cache) and `draft` (the MTP's guess for token ℓ+1). One compiled step:
+
+  1. verify: the main model runs [last, draft] at positions ℓ, ℓ+1 (absorbed MLA, T = 2):
+     y0 = argmax at ℓ (the true token ℓ+1), y1 = argmax at ℓ+1 (the token after the draft).
+     accept = (y0 == draft): emit y0 and y1, else only y0. Greedy output is therefore exactly
+     plain greedy decoding's (up to float ties).
+  2. draft: the MTP block runs at positions ℓ, ℓ+1 on (main hidden h_i before the final norm,
+     embedding of the token i+1 = [y0, y1]); its logits at the position of the new `last`
+     (ℓ+1 if accepted, else ℓ) give the next draft. The MTP has its own cache stack (`mtp`),
+     aligned with the main one: both hold exactly the positions < the slot's length.
+Entries written for a rejected draft lie at or past the new length: masked, then overwritten.
+
+    out = speculative_generate(model, prompts, max_tokens=100)   # out.tokens, out.acceptance_rate
+
+Left out: sampling (temperature > 0 needs rejection sampling of the draft), continuous
+batching (the batch starts and ends together), chunked prefill, MTP depth > 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax.model.decoder import Decoder
+from r1jax.sampling.cache import Cache, init_cache
+from r1jax.sampling.engine import Placement, Weights, _pow2, block_cached, forward_cached
+
+
+def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, absorbed: bool):
+    """MTP depth 1 over the cache: h_prev [B,T,D] (main hidden at positions), next_tokens [B,T]
+    (the token after each position) -> (draft logits [B,T,V], stacks)."""
+    layer = model.mtp[0]
+    joined = jnp.concatenate([layer.enorm(model.embed_tokens(next_tokens)), layer.hnorm(h_prev)], axis=-1)
+    h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
+    stacks = dict(stacks)
+    h, stacks["mtp"] = block_cached(layer.block, h, positions, stacks["mtp"], 0, None, absorbed)
+    return model.head(layer.norm(h)), stacks
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _prefill(graphdef, placement: Placement, params, extra, cache: Cache, tokens, lengths):
+    """Right-padded prompts [B,T] -> (cache, first token [B], first draft [B])."""
+    with placement.active():
+        model = nnx.merge(graphdef, params, extra)
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x, stacks = forward_cached(model, cache.stacks, tokens, positions, None, absorbed=False)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        first = jnp.argmax(model.head(model.norm(last))[:, 0], axis=-1).astype(jnp.int32)
+        nxt = jnp.roll(tokens, -1, axis=1)
+        nxt = jnp.where(jnp.arange(t)[None] == (lengths - 1)[:, None], first[:, None], nxt)
+        mtp_logits, stacks = mtp_cached(model, stacks, x, nxt, positions, absorbed=False)
+        draft_logits = jnp.take_along_axis(mtp_logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
+    return Cache(stacks, lengths), first, draft
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _step(graphdef, placement: Placement, params, extra, cache: Cache, last, draft):
+    """Verify [last, draft], draft again -> (cache, y [B,2], accepted [B] bool, new last, new draft)."""
+    with placement.active():
+        model = nnx.merge(graphdef, params, extra)
+        positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+        x, stacks = forward_cached(model, cache.stacks, jnp.stack([last, draft], 1), positions, None, absorbed=True)
+        y = jnp.argmax(model.head(model.norm(x)), axis=-1).astype(jnp.int32)  # [B, 2]
+        accepted = y[:, 0] == draft
+        mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, absorbed=True)
+        drafts = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+        new_draft = jnp.where(accepted, drafts[:, 1], drafts[:, 0])
+        new_last = jnp.where(accepted, y[:, 1], y[:, 0])
+        cache = Cache(stacks, cache.lengths + 1 + accepted.astype(jnp.int32))
+    return cache, y, accepted, new_last, new_draft
+
+
+@dataclasses.dataclass
+class SpeculativeResult:
+    tokens: list[list[int]]  # max_tokens greedy tokens per prompt
+    steps: int  # verify steps run
+    drafts: int  # drafts proposed (one per active row per step)
+    accepted: int
+    seconds: float  # wall time of the decode loop (prefill excluded), compiled
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafts, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(len(t) - 1 for t in self.tokens) / max(self.seconds, 1e-9)
+
+
+def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+                         max_len: int | None = None, cache_dtype=jnp.float32, min_bucket: int = 16,
+                         draft_oracle: Callable[[int, int], int] | None = None) -> SpeculativeResult:
+    """Greedy completions of `prompts` with MTP drafts. `draft_oracle(row, i)`, tests only,
+    replaces the MTP's draft for row's completion token i (to force acceptance or rejection)."""
+    w = Weights.of(model_or_state)
+    cfg = w.cfg
+    if cfg.num_nextn_predict_layers < 1:
+        raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
+    b = len(prompts)
+    longest = max(len(p) for p in prompts)
+    t = _pow2(longest, min_bucket)
+    max_len = max_len or _pow2(t + max_tokens + 2, 64)
+    cache = init_cache(cfg, b, max_len, dtype=cache_dtype, mtp=True)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    placement = Placement()
+    cache, last, draft = _prefill(w.graphdef, placement, w.params, w.extra, cache, tokens, lengths)
+    out = [[int(x)] for x in np.asarray(last)]
+    steps = drafts = accepted_total = 0
+
+    def oracle(draft):
+        if draft_oracle is None:
+            return draft
+        return np.asarray([draft_oracle(r, len(out[r])) if len(out[r]) < max_tokens else 0 for r in range(b)], np.int32)
+
+    draft = oracle(np.asarray(draft))
+    jax.block_until_ready(cache)
+    start = time.perf_counter()
+    while min(len(o) for o in out) < max_tokens:
+        cache, y, accepted, last, draft = _step(w.graphdef, placement, w.params, w.extra, cache, last, draft)
+        y, accepted = np.asarray(y), np.asarray(accepted)
+        steps += 1
+        for r in range(b):
+            if len(out[r]) >= max_tokens:
+                continue
+            drafts += 1
+            accepted_total += int(accepted[r])
+            out[r] += [int(y[r, 0]), int(y[r, 1])] if accepted[r] else [int(y[r, 0])]
+        draft = oracle(np.asarray(draft))
+    seconds = time.perf_counter() - start
+    return SpeculativeResult([o[:max_tokens] for o in out], steps, drafts, accepted_total, seconds)

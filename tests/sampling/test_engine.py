@@ -1,0 +1,197 @@
+"""The sampling engine on tiny random models: cached decode against full recomputation,
+absorbed against naive MLA, the cache's size, batch invariance, continuous batching, stops,
+and sharded sampling against one device."""
+
+import time
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.config import MeshConfig
+from r1jax.parallel.mesh import make_mesh
+from r1jax.sampling import cache as cache_lib
+from r1jax.sampling import engine as eng
+from r1jax.sampling.engine import Engine, SamplingParams, generate
+from tests.sampling import full_logits, prompts, tiny_gqa, tiny_moe
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
+SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=7, max_tokens=12)
+MIXED = (3, 17, 5, 30, 9, 1, 12, 24)  # prompt lengths of the batch of 8
+
+
+def _check_against_full_forward(model, prompt_list, completions):
+    """Every greedy token is the argmax of Decoder.__call__ on the sequence before it, and its
+    log-prob the model's (causal, so one forward of each final sequence checks every step)."""
+    seqs = [p + c.token_ids for p, c in zip(prompt_list, completions)]
+    logits = full_logits(model, seqs, max(len(s) for s in seqs))
+    for i, (p, c) in enumerate(zip(prompt_list, completions)):
+        steps = logits[i, len(p) - 1: len(p) - 1 + len(c.token_ids)]
+        np.testing.assert_array_equal(c.token_ids, steps.argmax(-1))
+        lp = jax.nn.log_softmax(steps, axis=-1)[np.arange(len(c.token_ids)), c.token_ids]
+        np.testing.assert_allclose(c.logprobs, lp, atol=2e-5)
+
+
+def test_greedy_equals_full_recompute_mla_moe():
+    model = tiny_moe()
+    ps = prompts(model.cfg, (5, 20))
+    t0 = time.perf_counter()
+    out = generate(model, ps, GREEDY, cache_dtype=jnp.float32, slots=2)
+    print(f"2 x 64 greedy tokens in {time.perf_counter() - t0:.1f}s (compiles included)")
+    assert all(len(c[0].token_ids) == 64 and c[0].finish_reason == "length" for c in out)
+    _check_against_full_forward(model, ps, [c[0] for c in out])
+
+
+def test_greedy_equals_full_recompute_gqa():
+    model = tiny_gqa()
+    ps = prompts(model.cfg, (4, 11, 7), seed=1)
+    out = generate(model, ps, replace(GREEDY, max_tokens=40), cache_dtype=jnp.float32, slots=4)
+    _check_against_full_forward(model, ps, [c[0] for c in out])
+
+
+def test_absorbed_decode_equals_naive():
+    model = tiny_moe()
+    w = eng.Weights.of(model)
+    ps = prompts(model.cfg, (6, 13, 2, 9), seed=2)
+    cache = cache_lib.init_cache(model.cfg, 4, 64, dtype=jnp.float32)
+    cache, buf = eng.prefill(w, cache, ps, [0, 1, 2, 3])
+    tokens = jnp.argmax(buf, -1)
+    for _ in range(3):
+        copy = jax.tree.map(jnp.copy, cache)
+        cache, logits, _ = eng.decode_step(w, cache, tokens)
+        copy, naive, _ = eng.naive_decode_step(w, copy, tokens)
+        np.testing.assert_allclose(logits, naive, atol=1e-5, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), cache, copy)
+        tokens = jnp.argmax(logits, -1)
+    assert float(jnp.abs(logits).max()) > 1.0  # logits of a useful scale: the tolerance means something
+
+
+def test_cache_holds_only_latent_and_rope_key():
+    cfg = tiny_moe().cfg
+    for dtype in (jnp.bfloat16, jnp.float32):
+        cache = cache_lib.init_cache(cfg, 4, 32, dtype=dtype)
+        per_token_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+        for name, layers in (("dense", cfg.num_dense_layers), ("moe", cfg.num_moe_layers)):
+            arrays = cache.stacks[name]
+            assert sorted(arrays) == ["c_kv", "k_rope"]
+            assert sum(a.nbytes for a in arrays.values()) == per_token_layer * layers * 4 * 32
+        assert cache_lib.cache_bytes(cache) == per_token_layer * cfg.num_hidden_layers * 4 * 32
+        assert cache_lib.bytes_per_token(cfg, dtype) == per_token_layer * cfg.num_hidden_layers
+    # the spec's number for V3: 576 values x 2 bytes x 61 layers
+    from r1jax.config import load_model
+
+    assert cache_lib.bytes_per_token(load_model("configs/model/deepseek-v3-671b.yaml")) == 70_272
+
+
+def _run(model, requests, **kw) -> dict:
+    """requests: (id, prompt, sampling, sample_index) -> {id: Completion}, via the Engine."""
+    engine = Engine(model, slots=kw.pop("slots", 8), max_len=64, cache_dtype=jnp.float32, **kw)
+    for rid, prompt, sp, j in requests:
+        engine.add_request(rid, prompt, sp, sample_index=j)
+    while engine.has_work():
+        engine.step()
+    return {rid: engine.pop_result(rid) for rid, *_ in requests}
+
+
+@pytest.fixture(scope="module")
+def batch8():
+    """8 requests of mixed lengths, greedy and seeded-sampled, run together on 8 slots."""
+    model = tiny_moe()
+    ps = prompts(model.cfg, MIXED, seed=3)
+    reqs = [(("g", i), p, replace(GREEDY, max_tokens=12), 0) for i, p in enumerate(ps)]
+    reqs += [(("s", i), p, replace(SAMPLED, seed=100 + i), 0) for i, p in enumerate(ps)]
+    return model, reqs, _run(model, reqs[:8]), _run(model, reqs[8:])
+
+
+def test_request_alone_equals_batched(batch8):
+    model, reqs, greedy, sampled = batch8
+    for rid, p, sp, j in (reqs[1], reqs[5], reqs[8 + 3], reqs[8 + 6]):
+        alone = _run(model, [(rid, p, sp, j)])[rid]
+        together = (greedy if rid[0] == "g" else sampled)[rid]
+        assert alone.token_ids == together.token_ids, rid
+        np.testing.assert_allclose(alone.logprobs, together.logprobs, atol=1e-5)
+    # the sampled requests really sample: not greedy, and log-probs are of the truncated distribution
+    g_tokens = [greedy[("g", i)].token_ids for i in range(8)]
+    s_tokens = [sampled[("s", i)].token_ids for i in range(8)]
+    assert g_tokens != s_tokens
+    assert all(lp <= 1e-6 for c in sampled.values() for lp in c.logprobs)
+
+
+def test_continuous_batching_reuses_slots(batch8):
+    """8 requests through 3 slots (admitted as slots free up) give the 8-slot batch's tokens."""
+    model, reqs, greedy, sampled = batch8
+    few = _run(model, reqs[:8:2] + reqs[9::2], slots=3)
+    for rid, c in few.items():
+        assert c.token_ids == (greedy if rid[0] == "g" else sampled)[rid].token_ids, rid
+
+
+def test_n_samples_share_one_prefill_and_match_alone():
+    model = tiny_moe()
+    (p,) = prompts(model.cfg, (10,), seed=4)
+    out = generate(model, [p], SAMPLED, n=3, cache_dtype=jnp.float32, slots=8, max_len=64)[0]
+    assert len({tuple(c.token_ids) for c in out}) == 3  # three different samples
+    alone = _run(model, [("x", p, SAMPLED, 2)])["x"]
+    assert alone.token_ids == out[2].token_ids
+
+
+class _CharTokenizer:
+    vocab_size, bos_id, eos_id, pad_id = 1024, 1, 2, 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+    def token_to_id(self, token):
+        return None
+
+
+def test_stops_abort_and_max_tokens():
+    model = tiny_moe()
+    ps = prompts(model.cfg, (4, 6, 8), seed=5)
+    free = _run(model, [("a", ps[0], replace(GREEDY, max_tokens=10), 0)])["a"]
+    stop_id = free.token_ids[4]
+    tok = _CharTokenizer()
+    engine = Engine(model, slots=8, max_len=64, cache_dtype=jnp.float32, tokenizer=tok)
+    events = []
+    engine.add_request("id", ps[0], replace(GREEDY, stop_token_ids=(stop_id,)), on_token=events.append)
+    stop_str = tok.decode(free.token_ids[5:7])
+    engine.add_request("str", ps[0], replace(GREEDY, stop=(stop_str,)))
+    engine.add_request("gone", ps[1], GREEDY)
+    engine.add_request("short", ps[2], replace(GREEDY, max_tokens=3))
+    engine.step()
+    engine.abort("gone")
+    while engine.has_work():
+        engine.step()
+    by_id = engine.result("id")
+    first_stop = free.token_ids.index(stop_id)
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: first_stop + 1]
+    assert by_id.text == tok.decode(free.token_ids[:first_stop])
+    assert [e.token_id for e in events] == by_id.token_ids and events[-1].finish_reason == "stop"
+    by_str = engine.result("str")
+    assert by_str.finish_reason == "stop" and stop_str not in by_str.text
+    assert tok.decode(by_str.token_ids).endswith(stop_str) or stop_str in tok.decode(by_str.token_ids)
+    assert engine.result("short").finish_reason == "length" and len(engine.result("short").token_ids) == 3
+    with pytest.raises(KeyError):
+        engine.result("gone")
+    # A full cache row ends a request with "length".
+    (long_prompt,) = prompts(model.cfg, (60,), seed=6)
+    out = _run(model, [("full", long_prompt, GREEDY, 0)])["full"]
+    assert out.finish_reason == "length" and len(long_prompt) + len(out.token_ids) == 64 + 1
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_sampling_equals_single_device(batch8, shape):
+    model, reqs, greedy, sampled = batch8
+    data, expert, mdl = shape
+    mesh = make_mesh(MeshConfig(data=data, expert=expert, model=mdl), jax.devices()[:8])
+    cf = model.cfg.n_routed_experts / model.cfg.num_experts_per_tok  # capacity = all local tokens: no drops
+    picked = reqs[0:8:3] + reqs[9:16:3]
+    out = _run(model, picked, mesh=mesh, capacity_factor=cf)
+    for rid, c in out.items():
+        want = (greedy if rid[0] == "g" else sampled)[rid]
+        assert c.token_ids == want.token_ids, rid
+        np.testing.assert_allclose(c.logprobs, want.logprobs, atol=1e-4)
