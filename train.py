@@ -21,9 +21,23 @@ def main(argv: list[str]) -> int:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from r1jax.train.loop import train
-
     logging.getLogger("r1jax").setLevel(logging.INFO)
+    if cfg.mode == "grpo":
+        from r1jax.train.grpo import GrpoTrainer
+
+        result = GrpoTrainer(cfg).train()
+        print("\ngrpo finished")
+        for name in ("first_eval", "final_eval"):
+            if result[name]:
+                print(f"  {name:<12}" + "  ".join(f"{k} {v:.3f}" for k, v in result[name].items()))
+        print(f"  rollout {result['rollout_s']:.0f} s, update {result['update_s']:.0f} s, "
+              f"rollout {result['rollout_tokens_per_s']:,.0f} tokens/s, curves {result['plot']}")
+        return 0
+    if cfg.mode == "distill":
+        print("mode: distill is not implemented yet (SFT of a dense student: use mode: sft with its model)",
+              file=sys.stderr)
+        return 2
+    from r1jax.train.loop import train
 
     summary = train(cfg)
     print(f"\n{cfg.mode} finished")

@@ -264,6 +264,44 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GrpoConfig:
+    """GRPO (DeepSeekMath) and its variants; option names follow TRL's GRPOConfig."""
+
+    num_generations: int = 8  # G completions per prompt
+    prompts_per_step: int = 8  # prompts of one rollout batch
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0  # KL weight (k3); 0 compiles no reference forward and keeps no reference
+    ref_reset_every: int = 0  # steps between copying the policy into the reference (R1: 400)
+    mu: int = 1  # optimisation passes over each rollout batch
+    num_minibatches: int = 1  # optimizer steps per pass
+    mask_truncated_completions: bool = False
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0: off)
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and refill the batch
+    max_sampling_rounds: int = 4
+    rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
+    reward_timeout_s: float = 10.0
+    eval_every: int = 0
+    eval_prompts: int = 64
+    eval_samples: int = 4  # k for pass@1 at T 0.6, top-p 0.95
+    log_samples_every: int = 10
+
+    def __post_init__(self):
+        _require(self.num_generations >= 2, "num_generations", "a group needs at least 2 completions")
+        _require(self.mu >= 1 and self.num_minibatches >= 1, "mu", "must be >= 1")
+        _require((self.prompts_per_step * self.num_generations) % self.num_minibatches == 0, "num_minibatches",
+                 "must divide prompts_per_step * num_generations")
+        _require(self.beta >= 0, "beta", "must be >= 0")
+        _require(0 <= self.epsilon_low < 1 and self.epsilon_high >= 0, "epsilon_low", "clip range out of bounds")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """A run: the model, the mesh it runs on, and the training recipe."""
 
@@ -288,6 +326,7 @@ class Config:
     loss: LossConfig = LossConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = DataConfig()
+    grpo: GrpoConfig = GrpoConfig()
 
     def __post_init__(self):
         m = self.model
@@ -355,6 +394,9 @@ def _coerce(tp, value, key: str):
     if tp is str:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
+    if tp is dict:
+        _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
     return value
 
 

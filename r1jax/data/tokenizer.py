@@ -88,7 +88,7 @@ class SentencePieceTokenizer:
             if i in self._special_text:
                 pieces += [self._sp.decode(run), self._special_text[i]]
                 run = []
-            elif i != self.pad_id:
+            elif i != self.pad_id and 0 <= i < self.vocab_size:  # a model's padded vocab rows decode to ""
                 run.append(i)
         pieces.append(self._sp.decode(run))
         return "".join(pieces)

@@ -54,7 +54,10 @@ def load_metrics(loads: jax.Array) -> dict[str, jax.Array]:
 
 
 class TrainStep:
-    """Owns the mesh-dependent pieces of a run: optimizer, shardings, compiled functions."""
+    """Owns the mesh-dependent pieces of a run: optimizer, shardings, compiled functions.
+    Subclasses (GRPO) replace `_train_step` and `batch_keys`; the rest is shared."""
+
+    batch_keys: tuple[str, ...] = BATCH_KEYS
 
     def __init__(self, cfg: Config, mesh: Mesh | None = None, *, keep_grads: bool = False):
         """keep_grads: the step also returns the gradients, as `metrics["grads"]` (for tests)."""
@@ -68,7 +71,7 @@ class TrainStep:
         if mesh is not None:
             check_model_fits(mesh, cfg.model, cfg.batch_size)
             self.state_shardings = shardings(abstract, mesh, self.rules)
-            self.batch_shardings = batch_shardings(BATCH_KEYS, mesh, self.rules)
+            self.batch_shardings = batch_shardings(self.batch_keys, mesh, self.rules)
             replicated = NamedSharding(mesh, PartitionSpec())
             grad_shardings = self.state_shardings.params if keep_grads else None
             self._step = jax.jit(
@@ -172,7 +175,7 @@ class TrainStep:
         return state if self.mesh is None else jax.device_put(state, self.state_shardings)
 
     def place_batch(self, batch: dict) -> dict:
-        batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+        batch = {k: jnp.asarray(batch[k]) for k in self.batch_keys}
         return batch if self.mesh is None else jax.device_put(batch, self.batch_shardings)
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -1,0 +1,352 @@
+"""The OpenAI-compatible HTTP API over an `Engine` (FastAPI).
+
+    app = create_app(engine, tokenizer, model_name="tiny-r1", api_key="sk-...")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`: SSE
+`data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, GET /health (no key needed;
+reports the engine's active slots). Chat output inside `<think>…</think>` goes to
+`reasoning_content`, the rest to `content` (`r1jax.serving.reasoning`).
+
+Sampling: `temperature`, `top_p`, `top_k` (extra), `seed`, `max_tokens`, `stop`, `n`. The `n`
+choices of a request share its seed and differ by sample index, so each is an independent
+sample and `seed` reproduces all of them. Generation ends at the tokenizer's eos ("stop"), a
+stop string ("stop"; the string is not returned) or `max_tokens` / the cache row ("length").
+
+Text is detokenised here, on the event loop, not in the engine thread: each token re-decodes
+its choice's ids (quadratic in the output length, cheap next to a decode step at the lengths
+served), and text that may still change is held back (a trailing partial UTF-8 character, a
+possible start of a stop string). Stop strings are matched here too; the request is then
+aborted in the engine, which may have computed a token or two more.
+
+Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
+JSON, invalid fields and prompts that do not fit (`context_length_exceeded`), 401 for a missing
+or wrong key, 404 for an unknown model. A client that disconnects has its requests aborted, so
+their slots are free for the next step.
+
+Left out: logprobs in responses, tools / function calling, `echo`, penalties, `logit_bias`,
+`best_of`, prompt caching across requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from r1jax.data.tokenizer import Tokenizer, render_chat
+from r1jax.sampling.engine import Engine, Event, SamplingParams
+from r1jax.serving import protocol as p
+from r1jax.serving.reasoning import ReasoningSplitter, _partial_suffix, split_reasoning
+from r1jax.serving.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+_DISCONNECT_POLL_S = 1.0  # non-streaming requests check for a gone client this often
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, p.error_body(message, type_, code, param)
+
+
+# ----------------------------------------------------------------------------- text of one choice
+
+
+class ChoiceText:
+    """A choice's output text as its tokens arrive: `push` returns the text that is now certain."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], stop_ids: Sequence[int]):
+        self.tok, self.stops, self.stop_ids = tokenizer, tuple(stops), frozenset(stop_ids)
+        self.ids: list[int] = []
+        self.sent = 0  # characters returned so far
+        self.finish_reason: str | None = None
+        self.stopped_by_string = False
+
+    def _decode(self, ids: list[int]) -> str:
+        v = self.tok.vocab_size  # a model's vocabulary may be padded past the tokenizer's
+        return self.tok.decode([i for i in ids if 0 <= i < v])
+
+    def push(self, ev: Event) -> str:
+        self.ids.append(ev.token_id)
+        done = ev.finish_reason is not None
+        ids = self.ids[:-1] if done and ev.finish_reason == "stop" and ev.token_id in self.stop_ids else self.ids
+        text = self._decode(ids)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.finish_reason, self.stopped_by_string = text[: min(hits)], "stop", True
+        elif done:
+            self.finish_reason = ev.finish_reason
+        if self.finish_reason is not None:
+            new, self.sent = text[self.sent:], max(self.sent, len(text))
+            return new
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+            safe -= 1
+        safe -= max((_partial_suffix(text[:safe], s) for s in self.stops), default=0)
+        new = text[self.sent: safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return new
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_name: str = "r1jax",
+               api_key: str | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread (unless `engine` is a started worker) and
+    stops it at shutdown. `app.state.worker` is the `EngineWorker`."""
+    worker = engine if isinstance(engine, EngineWorker) else EngineWorker(engine)
+    eng = worker.engine
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        owned = not worker.alive
+        if owned:
+            worker.start()
+        yield
+        if owned:
+            worker.stop()
+
+    app = FastAPI(title="r1jax", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(p.error_body(str(e.detail), code=code), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("request failed")
+        return JSONResponse(p.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+    async def parse(request: Request, model: type[pydantic.BaseModel]):
+        check_key(request)
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
+        try:
+            req = model.model_validate(data)
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(x) for x in err["loc"]) or None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise APIError(400, f"{param}: {msg}" if param else msg, code="invalid_value", param=param) from None
+        if req.model != model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{model_name}`.",
+                           code="model_not_found", param="model")
+        return req
+
+    def plan(req, prompts: list[list[int]]) -> SamplingParams:
+        longest = max(len(x) for x in prompts)
+        if min(len(x) for x in prompts) == 0:
+            raise APIError(400, "the prompt is empty", code="invalid_value", param="prompt")
+        max_tokens = req.limit if req.limit is not None else eng.max_len - longest
+        if longest + max_tokens > eng.max_len or max_tokens < 1:
+            raise APIError(400, f"This model's maximum context length is {eng.max_len} tokens. However, you "
+                                f"requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} "
+                                f"for the completion). Please reduce the prompt or max_tokens.",
+                           code="context_length_exceeded", param="max_tokens")
+        seed = req.seed if req.seed is not None else secrets.randbits(31)
+        return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed,
+                              max_tokens=max_tokens, stop_token_ids=(tokenizer.eos_id,))
+
+    async def run(prompts: list[list[int]], n: int, sampling: SamplingParams, stops: Sequence[str],
+                  gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[int, str, ChoiceText]]:
+        """(choice index, new text, its ChoiceText) as tokens arrive; choice p * n + j is sample
+        j of prompt p. Unfinished requests are aborted when the consumer stops early."""
+        uid = uuid.uuid4().hex
+        out: asyncio.Queue = asyncio.Queue()
+        subs = [((uid, i * n + j), prompt, sampling, j) for i, prompt in enumerate(prompts) for j in range(n)]
+        texts = {rid: ChoiceText(tokenizer, stops, sampling.stop_token_ids) for rid, *_ in subs}
+        pending = set(texts)
+        worker.submit(subs, out)
+        try:
+            while pending:
+                if gone is None:
+                    item = await out.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(out.get(), _DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if await gone():
+                            return
+                        continue
+                if isinstance(item, Exception):
+                    raise APIError(500, f"the engine failed: {item}", "server_error")
+                if item.request_id not in pending:
+                    continue  # a token computed after a stop string ended the choice
+                text = texts[item.request_id]
+                new = text.push(item)
+                if text.finish_reason is not None:
+                    pending.discard(item.request_id)
+                    if text.stopped_by_string and item.finish_reason is None:
+                        worker.abort(item.request_id)
+                yield item.request_id[1], new, text
+        finally:
+            for rid in pending:
+                worker.abort(rid)
+
+    def usage(prompts, texts: Sequence[ChoiceText]) -> p.Usage:
+        prompt_tokens = sum(len(x) for x in prompts)
+        completion = sum(len(t.ids) for t in texts)
+        return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                       total_tokens=prompt_tokens + completion)
+
+    def sse(obj: pydantic.BaseModel) -> str:
+        return f"data: {obj.model_dump_json()}\n\n"
+
+    async def collect(prompts, n, sampling, stops, request: Request):
+        parts: dict[int, list[str]] = {}
+        texts: dict[int, ChoiceText] = {}
+        async with contextlib.aclosing(run(prompts, n, sampling, stops, request.is_disconnected)) as events:
+            async for index, new, text in events:
+                parts.setdefault(index, []).append(new)
+                texts[index] = text
+        if len(texts) < len(prompts) * n or any(t.finish_reason is None for t in texts.values()):
+            raise APIError(400, "the client disconnected")  # nobody reads this
+        return {i: "".join(parts[i]) for i in sorted(parts)}, texts
+
+    # ------------------------------------------------------------------ endpoints
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if worker.alive else "engine stopped", "model": model_name,
+                "active_slots": worker.active_slots, "waiting": worker.waiting, "slots": eng.slots,
+                "max_len": eng.max_len, "steps": worker.steps}
+        return JSONResponse(body, status_code=200 if worker.alive else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return p.ModelList(data=[p.Model(id=model_name, created=created)])
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req: p.ChatCompletionRequest = await parse(request, p.ChatCompletionRequest)
+        try:
+            prompt_text = render_chat([{"role": m.role, "content": m.text()} for m in req.messages],
+                                      add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value", param="messages") from None
+        prompts = [tokenizer.encode(prompt_text)]
+        sampling = plan(req, prompts)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if not req.stream:
+            outs, texts = await collect(prompts, req.n, sampling, req.stop, request)
+            choices = []
+            for i, full in outs.items():
+                reasoning, content = split_reasoning(full)
+                choices.append(p.ChatChoice(index=i, finish_reason=texts[i].finish_reason,
+                                            message=p.AssistantMessage(content=content, reasoning_content=reasoning)))
+            return p.ChatCompletion(id=rid, model=model_name, choices=choices, usage=usage(prompts, texts.values()))
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            now = int(time.time())
+
+            def chunk(i, delta, reason=None):
+                return p.ChatCompletionChunk(id=rid, created=now, model=model_name,
+                                             choices=[p.ChatChunkChoice(index=i, delta=delta, finish_reason=reason)])
+
+            splitters = [ReasoningSplitter() for _ in range(req.n)]
+            texts: dict[int, ChoiceText] = {}
+            for i in range(req.n):
+                yield sse(chunk(i, p.Delta(role="assistant", content="")))
+            try:
+                async with contextlib.aclosing(run(prompts, req.n, sampling, req.stop)) as events:
+                    async for i, new, text in events:
+                        texts[i] = text
+                        r, c = splitters[i].feed(new)
+                        if text.finish_reason is not None:
+                            r2, c2 = splitters[i].finish()
+                            r, c = r + r2, c + c2
+                        if r or c:
+                            yield sse(chunk(i, p.Delta(reasoning_content=r or None, content=c or None)))
+                        if text.finish_reason is not None:
+                            yield sse(chunk(i, p.Delta(), text.finish_reason))
+            except APIError as e:
+                yield f"data: {json.dumps(e.body)}\n\n"
+                return
+            if include_usage:
+                yield sse(p.ChatCompletionChunk(id=rid, created=now, model=model_name, choices=[],
+                                                usage=usage(prompts, texts.values())))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: p.CompletionRequest = await parse(request, p.CompletionRequest)
+        raw = req.prompt
+        if isinstance(raw, str):
+            prompts = [tokenizer.encode(raw)]
+        elif raw and all(isinstance(x, str) for x in raw):
+            prompts = [tokenizer.encode(x) for x in raw]
+        elif raw and all(isinstance(x, int) for x in raw):
+            prompts = [list(raw)]
+        else:
+            prompts = [list(x) for x in raw]
+        if not prompts or any(not 0 <= t < tokenizer.vocab_size for x in prompts for t in x):
+            raise APIError(400, "prompt: token ids out of the vocabulary, or no prompt", code="invalid_value",
+                           param="prompt")
+        sampling = plan(req, prompts)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if not req.stream:
+            outs, texts = await collect(prompts, req.n, sampling, req.stop, request)
+            choices = [p.CompletionChoice(index=i, text=t, finish_reason=texts[i].finish_reason)
+                       for i, t in outs.items()]
+            return p.Completion(id=rid, model=model_name, choices=choices, usage=usage(prompts, texts.values()))
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            now = int(time.time())
+            texts: dict[int, ChoiceText] = {}
+            try:
+                async with contextlib.aclosing(run(prompts, req.n, sampling, req.stop)) as events:
+                    async for i, new, text in events:
+                        texts[i] = text
+                        if new or text.finish_reason is not None:
+                            yield sse(p.Completion(id=rid, created=now, model=model_name, choices=[
+                                p.CompletionChoice(index=i, text=new, finish_reason=text.finish_reason)]))
+            except APIError as e:
+                yield f"data: {json.dumps(e.body)}\n\n"
+                return
+            if include_usage:
+                yield sse(p.Completion(id=rid, created=now, model=model_name, choices=[],
+                                       usage=usage(prompts, texts.values())))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,124 @@
+"""Serve a trained r1jax model over an OpenAI-compatible HTTP API:
+
+    python serve.py [CONFIG] [checkpoint=PATH] [host=127.0.0.1] [port=8000] [api_key=KEY]
+                    [slots=8] [max_len=N] [model_name=NAME] [tokenizer=FILE] [key=value ...]
+
+    python serve.py configs/tiny-pretrain.yaml checkpoint=runs/tiny-pretrain
+
+checkpoint: a training run_dir (its newest readable checkpoint), a checkpoints dir, or an
+exported params dir; without it, the newest run under runs/ that has a params/ export (what
+`make demo` writes). CONFIG defaults to the run's own config (saved with its checkpoints);
+other `key=value` pairs override config fields, as in train.py. The tokenizer is the run's
+(`tokenizer.model` next to the checkpoints) unless `tokenizer=` names one. Binds loopback
+unless `host=` says otherwise; with `api_key` set, requests need `Authorization: Bearer KEY`.
+Exits 2 on a config error, naming the key.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from r1jax import config as config_lib
+
+SERVE_KEYS = {"checkpoint": str, "host": str, "port": int, "api_key": str, "slots": int, "max_len": int,
+              "model_name": str, "tokenizer": str}
+
+
+def parse(argv: list[str]) -> tuple[str | None, dict, list[str]]:
+    """(config path or None, serve options, config overrides)."""
+    path = argv[0] if argv and "=" not in argv[0] else None
+    serve, overrides = {}, []
+    for item in argv[1:] if path else argv:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise config_lib.ConfigError(item, "arguments after CONFIG must look like key=value")
+        if key in SERVE_KEYS:
+            try:
+                serve[key] = SERVE_KEYS[key](value)
+            except ValueError:
+                raise config_lib.ConfigError(key, f"expected {SERVE_KEYS[key].__name__}, got {value!r}") from None
+        else:
+            overrides.append(item)
+    for key in ("port", "slots", "max_len"):
+        if key in serve and serve[key] <= 0:
+            raise config_lib.ConfigError(key, f"must be positive, got {serve[key]}")
+    return path, serve, overrides
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def newest_run(root: Path = Path("runs")) -> Path | None:
+    runs = [d for d in root.glob("*") if (d / "params").is_dir()] if root.is_dir() else []
+    return max(runs, key=lambda d: (d / "params").stat().st_mtime, default=None)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        path, serve, overrides = parse(argv)
+        cfg = config_lib.load(path, *overrides) if path else None  # a bad override fails before any loading
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    checkpoint = serve.get("checkpoint") or newest_run()
+    if checkpoint is None:
+        print("no checkpoint: pass checkpoint=RUN_DIR (or exported params), or run `make demo` first to "
+              "train one under runs/", file=sys.stderr)
+        return 1
+    checkpoint = Path(checkpoint)
+
+    from r1jax import checkpoint as ckpt_lib
+    from r1jax.data.datasets import TOKENIZER_FILE
+    from r1jax.data.tokenizer import SentencePieceTokenizer
+
+    try:
+        meta = ckpt_lib.read_meta(checkpoint)
+    except (FileNotFoundError, OSError) as e:
+        print(f"checkpoint: {e}", file=sys.stderr)
+        return 1
+    try:
+        if cfg is None:
+            if "config" not in meta:
+                raise config_lib.ConfigError("", f"{checkpoint} has no saved config: pass CONFIG")
+            cfg = config_lib.build(config_lib.Config, merge(meta["config"], config_lib.load_dict(None, *overrides)))
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    candidates = [serve.get("tokenizer"), meta.get("tokenizer"), checkpoint / TOKENIZER_FILE,
+                  checkpoint.parent / TOKENIZER_FILE, cfg.data.tokenizer]
+    tok_file = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+    if tok_file is None:
+        print(f"tokenizer: none found next to {checkpoint}; pass tokenizer=FILE.model", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from r1jax.sampling.engine import Engine, Weights
+    from r1jax.serving.app import create_app
+    from r1jax.train.step import TrainStep
+
+    step = TrainStep(cfg)
+    params, extra = ckpt_lib.load_params(checkpoint, (step.abstract.params, step.abstract.extra))
+    tokenizer = SentencePieceTokenizer(tok_file)
+    max_len = serve.get("max_len", min(cfg.model.max_position_embeddings, 4096))
+    engine = Engine(Weights(step.graphdef, params, extra), slots=serve.get("slots", 8), max_len=max_len)
+    name = serve.get("model_name", checkpoint.resolve().name if checkpoint.name != "params" else
+                     checkpoint.resolve().parent.name)
+    app = create_app(engine, tokenizer, model_name=name, api_key=serve.get("api_key"))
+    host, port = serve.get("host", "127.0.0.1"), serve.get("port", 8000)
+    print(f"serving {name} from {checkpoint} at http://{host}:{port}/v1 ({engine.slots} slots, max_len {max_len})")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
