@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test venv clean
@@ -20,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m r1jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs

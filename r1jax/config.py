@@ -259,6 +259,7 @@ class DataConfig:
     tokenizer: str | None = None  # a SentencePiece .model; null: trained into run_dir
     vocab_size: int = 1024  # of a tokenizer trained here
     builtin_docs: int = 20000  # built-in corpus size (pretrain documents / SFT samples)
+    max_difficulty: int = 3  # built-in tasks of difficulty 1..max_difficulty
     packing: Literal["concat_split", "first_fit"] | None = None  # null: by mode
     shuffle: bool = True
 

@@ -1,54 +1,80 @@
-"""`make demo`: what r1jax can do today, on this machine, in about a minute.
+"""`make demo`: the miniature R1 on this machine's CPU, end to end.
 
-1. Model summaries (parameter counts from `jax.eval_shape`, nothing allocated) of the tiny CPU
-   config and of DeepSeek-V3 / R1 671B.
-2. The tiny model's compiled train step (forward, backward, AdamW, routing-bias update) on a
-   synthetic batch: compile time, step time, tokens/s, and the loss over a few steps.
+1. Model summaries (from `jax.eval_shape`, nothing allocated): the tiny config and V3/R1 671B.
+2. Tokenizer -> pretraining on the built-in task corpus -> cold-start SFT on <think>/<answer>
+   chats -> GRPO with rule-based rewards -> held-out evaluation of the base, SFT and GRPO
+   checkpoints (pass@1 over k samples at T 0.6 / top-p 0.95, and greedy accuracy).
+
+    python -m r1jax.demo [runs/demo] [key=value ...]   (overrides apply to every stage)
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-
-import jax
+from pathlib import Path
 
 from r1jax import config as config_lib
-from r1jax.model.summary import summary, train_flops_per_token
-from r1jax.train.step import TrainStep, synthetic_batch
+from r1jax.model.summary import summary
 
 TINY = "configs/model/tiny-moe.yaml"
 V3 = "configs/model/deepseek-v3-671b.yaml"
+# Easy tasks and short runs: the whole pipeline fits in ~20 minutes on 2 CPU cores.
+COMMON = ("data.max_difficulty=1", "mesh.data=-1")
+
+
+def _stage(name: str, path: str, run_dir: Path, *overrides: str):
+    cfg = config_lib.load(path, f"run_dir={run_dir / name}", *COMMON, *overrides)
+    print(f"\n== {name}: {path} ({cfg.steps} steps)", flush=True)
+    return cfg
 
 
 def main(argv: list[str]) -> None:
-    steps = int(argv[0]) if argv else 20
+    logging.basicConfig(level=logging.WARNING)
+    run_dir = Path(argv[0]) if argv and "=" not in argv[0] else Path("runs/demo")
+    extra = [a for a in argv if "=" in a]
+    t0 = time.perf_counter()
     for path in (TINY, V3):
         print(path)
         print(summary(config_lib.load_model(path)))
-        print()
 
-    cfg = config_lib.load(TINY, "batch_size=8", "seq_len=128", "optim.learning_rate=3e-3")
-    step = TrainStep(cfg)
-    state = step.init(cfg.seed)
-    batch = synthetic_batch(cfg, jax.random.key(1))
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    first = float(metrics["loss"])
-    t0 = time.perf_counter()
-    for _ in range(steps - 1):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / max(steps - 1, 1)
-    tokens = cfg.batch_size * cfg.seq_len
-    flops = train_flops_per_token(cfg.model, cfg.seq_len) * tokens
-    print(f"tiny-moe train step (batch {cfg.batch_size} x {cfg.seq_len}, {jax.device_count()} CPU devices, one used)")
-    print(f"  compile + first step      {compile_s:.1f} s")
-    print(f"  step time                 {step_s * 1e3:.0f} ms  ({tokens / step_s:,.0f} tokens/s, {flops / step_s / 1e9:.2f} GFLOP/s)")
-    print(f"  loss over {steps} steps on one batch  {first:.3f} -> {float(metrics['loss']):.3f}")
-    print(f"  expert load max/mean (worst MoE layer)  {float(metrics['expert_load_max_over_mean_worst']):.2f}")
+    from r1jax.train.grpo import GrpoTrainer, prompt_records
+    from r1jax.train.loop import train
+
+    pre = _stage("pretrain", "configs/tiny-pretrain.yaml", run_dir, *extra)
+    pre_summary = train(pre)
+    print(pre_summary.table())
+    sft = _stage("sft", "configs/tiny-sft.yaml", run_dir, f"init_from={pre.run_dir}", *extra)
+    sft_summary = train(sft)
+    print(sft_summary.table())
+    grpo = _stage("grpo", "configs/tiny-grpo.yaml", run_dir, f"init_from={sft.run_dir}",
+                  f"data.tokenizer={Path(pre.run_dir) / 'tokenizer.model'}", *extra)
+    trainer = GrpoTrainer(grpo)
+    result = trainer.train()
+
+    # The same held-out prompts, samples and seeds for every checkpoint.
+    from r1jax.checkpoint import load_params
+
+    target = (trainer.step_fn.abstract.params, trainer.step_fn.abstract.extra)
+    rows = []
+    for name, path in (("base (pretrained)", pre.run_dir), ("cold-start SFT", sft.run_dir)):
+        params, extra_state = load_params(path, target)
+        rows.append((name, trainer.evaluate(trainer.step_fn.place(
+            trainer.step_fn.init(0).replace(params=params, extra=extra_state)))))
+    rows.append(("GRPO", result["final_eval"]))
+    k = grpo.grpo.eval_samples
+    n = len(prompt_records(grpo, trainer.tokenizer, "eval"))
+    print(f"\n== held-out built-in tasks ({n} prompts, pass@1 over k={k} samples at T 0.6, top-p 0.95)")
+    print(f"  {'checkpoint':<20}{'pass@1':>8}{'greedy':>8}{'format':>8}")
+    for name, ev in rows:
+        print(f"  {name:<20}{ev['pass@1']:>8.3f}{ev['greedy_accuracy']:>8.3f}{ev['format']:>8.3f}")
+    total = result["rollout_s"] + result["update_s"]
+    print(f"\nGRPO: rollout {result['rollout_s']:.0f} s ({result['rollout_tokens_per_s']:,.0f} tokens/s), "
+          f"update {result['update_s']:.0f} s ({100 * result['update_s'] / max(total, 1e-9):.0f}% of the loop)")
+    print(f"curves: {pre_summary.plot}, {sft_summary.plot}, {result['plot']}")
+    print(f"checkpoints and params under {run_dir}/; serve the GRPO model with: python serve.py checkpoint={grpo.run_dir}")
+    print(f"demo wall time {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

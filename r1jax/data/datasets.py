@@ -22,8 +22,14 @@ from r1jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, render_chat,
 TOKENIZER_FILE = "tokenizer.model"
 
 
+def task_options(cfg: Config) -> dict:
+    """Keyword arguments of `corpus` generators for this run's built-in tasks."""
+    return {"difficulties": tuple(range(1, cfg.data.max_difficulty + 1))}
+
+
 def _builtin_texts(cfg: Config) -> list[str]:
-    """What a built-in tokenizer is trained on: both the pretraining text and the chats."""
+    """What a built-in tokenizer is trained on: both the pretraining text and the chats (all
+    difficulties, so one tokenizer serves every stage)."""
     n = min(cfg.data.builtin_docs, 4000)
     texts = list(corpus.pretrain_documents(n, cfg.seed))
     texts += [render_chat(r["messages"], add_generation_prompt=False) for r in corpus.sft_records(n, cfg.seed + 1)]
@@ -65,15 +71,15 @@ def _builtin_source(cfg: Config, split: str) -> list:
     n = cfg.data.builtin_docs if split == "train" else max(cfg.data.builtin_docs // 20, 64)
     if cfg.mode == "pretrain":
         if split == "train":
-            return list(corpus.pretrain_documents(n, cfg.seed))
-        stream = corpus.samples("eval", cfg.seed)
+            return list(corpus.pretrain_documents(n, cfg.seed, **task_options(cfg)))
+        stream = corpus.samples("eval", cfg.seed, **task_options(cfg))
         return [f"{s.question}\n{s.reasoning}\nAnswer: {s.answer}" for s in itertools.islice(stream, n)]
     if split == "train":
-        return list(corpus.sft_records(n, cfg.seed + 1))
+        return list(corpus.sft_records(n, cfg.seed + 1, **task_options(cfg)))
     return [
         {"messages": [{"role": "user", "content": s.question},
                       {"role": "assistant", "content": corpus.assistant_turn(s)}]}
-        for s in itertools.islice(corpus.samples("eval", cfg.seed), n)
+        for s in itertools.islice(corpus.samples("eval", cfg.seed, **task_options(cfg)), n)
     ]
 
 

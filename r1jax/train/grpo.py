@@ -24,7 +24,7 @@ import optax
 
 from r1jax import checkpoint as ckpt_lib
 from r1jax.config import Config, ConfigError, to_dict
-from r1jax.data.datasets import load_or_train_tokenizer
+from r1jax.data.datasets import load_or_train_tokenizer, task_options
 from r1jax.data.tasks import TASKS, check_record, corpus
 from r1jax.data.tokenizer import Tokenizer, render_chat
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
@@ -99,7 +99,7 @@ class GrpoStep(TrainStep):
 def prompt_records(cfg: Config, tokenizer: Tokenizer, split: str = "train", count: int | None = None) -> list[dict]:
     """Built-in task prompts in the chat template, with what the checkers need."""
     count = count or (cfg.data.builtin_docs if split == "train" else cfg.grpo.eval_prompts)
-    samples = corpus.samples(split, cfg.seed + (7 if split == "train" else 0))
+    samples = corpus.samples(split, cfg.seed + (7 if split == "train" else 0), **task_options(cfg))
     out = []
     for s in (next(samples) for _ in range(count)):
         text = render_chat([{"role": "user", "content": s.question}], add_generation_prompt=True)
