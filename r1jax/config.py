@@ -315,6 +315,7 @@ class Config:
     init_from: str | None = None  # a run_dir or exported params to start from (SFT after pretraining)
     metrics_jsonl: str | None = None  # default: run_dir/metrics.jsonl
     log_every: int = 1
+    max_nonfinite_steps: int = 3  # this many NaN/inf losses in a row stop the run
     eval_every: int = 0  # steps between held-out losses (0: only at the end)
     eval_batches: int = 4
     batch_size: int = 8  # global sequences per optimizer step

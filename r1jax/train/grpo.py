@@ -35,7 +35,7 @@ from r1jax.train.evaluate import evaluate_tasks
 from r1jax.train.metrics import MetricsLogger, plot_curves, to_python
 from r1jax.train.policy_loss import grpo_loss, token_entropy, token_logprobs
 from r1jax.train.state import TrainState
-from r1jax.train.step import TrainStep, load_metrics, update_routing_biases
+from r1jax.train.step import TrainStep, guard_nonfinite, load_metrics, update_routing_biases
 
 log = logging.getLogger(__name__)
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask", "advantages", "old_logp",
@@ -81,10 +81,12 @@ class GrpoStep(TrainStep):
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         extra = update_routing_biases(state.extra, out.expert_loads, None, self.cfg.model.bias_update_speed)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        grad_norm = optax.global_norm(grads)
+        metrics = dict(metrics, grad_norm=grad_norm)
         if out.expert_loads is not None:
             metrics.update(load_metrics(out.expert_loads))
-        return TrainState(state.step + 1, params, extra, opt_state), metrics, None
+        return guard_nonfinite(state, TrainState(state.step + 1, params, extra, opt_state), metrics, grad_norm), \
+            metrics, None
 
     def logprobs(self, params, extra, batch):
         if not hasattr(self, "_logprobs"):

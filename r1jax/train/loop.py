@@ -127,6 +127,7 @@ def train(cfg: Config) -> TrainSummary:
     logger = MetricsLogger(run_dir, jsonl=cfg.metrics_jsonl, total_steps=cfg.steps, start_step=start)
     first_loss = last_loss = eval_loss = None
     speeds = []
+    bad_in_a_row = 0
     meta = {"config": to_dict(cfg), "tokenizer": str(getattr(tokenizer, "model_file", ""))}
     try:
         for step in range(start, cfg.steps):
@@ -139,6 +140,16 @@ def train(cfg: Config) -> TrainSummary:
                 speeds.append(tokens_per_step / dt)
             metrics.update(lr=float(schedule(step)), step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            mfu=flops_per_step / dt / peak)
+            bad_in_a_row = bad_in_a_row + 1 if metrics["nonfinite"] else 0
+            if metrics["nonfinite"]:
+                log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", step + 1,
+                            metrics["loss"], metrics["grad_norm"])
+            if bad_in_a_row >= cfg.max_nonfinite_steps:
+                logger.log(step + 1, metrics)
+                raise FloatingPointError(
+                    f"{bad_in_a_row} non-finite losses in a row at step {step + 1}: stopping; the last good "
+                    f"checkpoint in {checkpointer.directory} is intact"
+                )
             first_loss = metrics["loss"] if first_loss is None else first_loss
             last_loss = metrics["loss"]
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

@@ -36,7 +36,7 @@ def forward(graphdef, params, extra, batch: dict) -> ModelOutput:
 def update_routing_biases(extra: nnx.State, loads, mtp_loads, gamma: float) -> nnx.State:
     """Aux-loss-free balancing after a step. loads [L_moe, E] and mtp_loads [M, E] are sums over
     the global batch (the arrays are global under jit), so every replica applies the same update."""
-    extra = jax.tree.map(lambda x: x, extra, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    extra = jax.tree.map(lambda x: x, extra)  # new Variable objects: the caller's state is not touched
     if loads is not None:
         v = extra["moe_layers"]["ffn"]["bias"]
         v.value = routing_bias_update(v.value, loads, gamma)
@@ -45,6 +45,16 @@ def update_routing_biases(extra: nnx.State, loads, mtp_loads, gamma: float) -> n
             v = extra["mtp"][k]["block"]["ffn"]["bias"]
             v.value = routing_bias_update(v.value, mtp_loads[k], gamma)
     return extra
+
+
+def guard_nonfinite(old: TrainState, new: TrainState, metrics: dict, grad_norm: jax.Array) -> TrainState:
+    """A NaN/inf loss or gradient is never applied: parameters, optimizer and routing biases stay
+    as they were (the step counter still moves on, past the batch). Sets metrics["nonfinite"]."""
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)  # noqa: E731
+    return TrainState(new.step, keep(new.params, old.params), keep(new.extra, old.extra),
+                      keep(new.opt_state, old.opt_state))
 
 
 def load_metrics(loads: jax.Array) -> dict[str, jax.Array]:
@@ -159,10 +169,12 @@ class TrainStep:
         params = optax.apply_updates(state.params, updates)
         loads, mtp_loads = aux.pop("loads"), aux.pop("mtp_loads")
         extra = update_routing_biases(state.extra, loads, mtp_loads, self.cfg.model.bias_update_speed)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), **aux)
+        grad_norm = optax.global_norm(grads)
+        metrics = dict(metrics, grad_norm=grad_norm, **aux)
         if loads is not None:
             metrics.update(load_metrics(loads))
-        return TrainState(state.step + 1, params, extra, opt_state), metrics, grads if self.keep_grads else None
+        new_state = guard_nonfinite(state, TrainState(state.step + 1, params, extra, opt_state), metrics, grad_norm)
+        return new_state, metrics, grads if self.keep_grads else None
 
     # ------------------------------------------------------------------ host API
 

@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from r1jax import config as config_lib
@@ -53,3 +54,49 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
     chex.assert_trees_all_close(m4["grads"], m1["grads"], rtol=1e-4, atol=1e-7)
     chex.assert_trees_all_close(s4.extra, s1.extra)  # loads summed over micro-batches
+
+
+def test_nonfinite_loss_is_never_applied():
+    cfg = config_lib.load("configs/model/tiny-moe.yaml", "model.num_hidden_layers=2", "model.vocab_size=256",
+                          "batch_size=4", "seq_len=16")
+    step = TrainStep(cfg)
+    state = step.init(0)
+    before = jax.tree.map(np.array, (state.params, state.extra, state.opt_state))
+    batch = dict(synthetic_batch(cfg, jax.random.key(1)))
+    batch["loss_mask"] = batch["loss_mask"].at[0, 3].set(np.nan)
+    state, metrics = step(state, batch)
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    chex.assert_trees_all_equal(jax.tree.map(np.array, (state.params, state.extra, state.opt_state)), before)
+    assert int(state.step) == 1
+    state, metrics = step(state, synthetic_batch(cfg, jax.random.key(2)))
+    assert float(metrics["nonfinite"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_sft_prompt_tokens_get_exactly_zero_gradient():
+    from r1jax.data.pipeline import tokenize_chat
+    from r1jax.data.tokenizer import render_chat
+    from r1jax.train.losses import masked_mean
+
+    class CharTokenizer:  # an independent stand-in: one id per character, markers not special
+        pad_id, eos_id = 0, 1
+
+        def encode(self, text):
+            return [2 + (ord(c) % 250) for c in text]
+
+    record = {"messages": [{"role": "user", "content": "What is 2+2?"},
+                           {"role": "assistant", "content": "<think>2+2=4</think> <answer>4</answer>"}]}
+    example = tokenize_chat(record, CharTokenizer())
+    mask = np.asarray(example["loss_mask"], np.float32)
+    prompt = CharTokenizer().encode(render_chat(record["messages"][:1], add_generation_prompt=True))
+    first = len(prompt) - 1  # the target index that predicts the first completion token
+    assert mask[:first].sum() == 0 and mask[first:].min() == 1  # completion (+eos) only
+    t, v = len(mask), 256
+    logits = jax.random.normal(jax.random.key(0), (1, t, v))
+    targets = jnp.asarray(example["targets"])[None]
+
+    def loss(lg):
+        return masked_mean(token_cross_entropy(lg, targets), jnp.asarray(mask)[None])
+
+    grad = np.asarray(jax.grad(loss)(logits))[0]
+    assert np.all(grad[mask == 0] == 0.0)  # exactly zero, not merely small
+    assert np.all(np.abs(grad[mask == 1]).sum(-1) > 0)
