@@ -128,3 +128,18 @@ def test_rules_table_maps_batch_over_data_and_expert():
     assert spec == jax.sharding.PartitionSpec(("data", "expert"), None, None)
     spec = rules_lib.to_pspec(("experts", "embed", "mlp"), rules_lib.rules_for(fsdp=True), ("data", "expert", "model"))
     assert spec == jax.sharding.PartitionSpec("expert", "data", "model")
+
+
+def test_expert_parallel_step_uses_all_to_all_and_never_gathers_expert_weights():
+    cfg = _cfg((1, 8, 1))
+    step = TrainStep(cfg, make_mesh(cfg.mesh))
+    text = step.lower((cfg.batch_size, cfg.seq_len)).compile().as_text()
+    assert "all-to-all" in text
+    m = cfg.model
+    e, d, f = m.n_routed_experts, m.hidden_size, m.moe_intermediate_size
+    expert_shapes = [f"[{e},{d},{f}]", f"[{e},{f},{d}]", f"[{m.num_moe_layers},{e},{d},{f}]",
+                     f"[{m.num_moe_layers},{e},{f},{d}]"]
+    gathers = [line for line in text.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+    for line in gathers:
+        result_type = line.split("=", 1)[1].split("all-gather", 1)[0]
+        assert not any(shape in result_type for shape in expert_shapes), line.strip()[:300]
