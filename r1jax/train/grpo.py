@@ -75,7 +75,8 @@ class GrpoStep(TrainStep):
                 global_token_count=batch["completion_mask"].sum() * g.num_minibatches,
             )
             entropy = jnp.sum(token_entropy(out.logits, g.temperature) * mask) / jnp.maximum(mask.sum(), 1.0)
-            return loss + out.balance_loss, (dict(metrics, policy_loss=loss, entropy=entropy), out)
+            total = loss + out.balance_loss
+            return total, (dict(metrics, loss=total, policy_loss=loss, entropy=entropy), out)
 
         (_, (metrics, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -125,12 +126,13 @@ class Rollout:
 
 
 class GrpoTrainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, devices: list | None = None):
+        """devices: the mesh's devices (default: all of them)."""
         if cfg.mode != "grpo":
             raise ConfigError("mode", "GrpoTrainer needs mode: grpo")
         self.cfg, g = cfg, cfg.grpo
         initialize_distributed(cfg.distributed)
-        self.mesh = make_mesh(cfg.mesh)
+        self.mesh = make_mesh(cfg.mesh, devices)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = load_or_train_tokenizer(cfg)

@@ -17,7 +17,8 @@ OVERRIDES = ("mode=grpo", "model.num_hidden_layers=2", "model.vocab_size=512", "
 
 def _trainer(tmp_path, *extra):
     cfg = config_lib.load("configs/tiny-grpo.yaml", *OVERRIDES, f"run_dir={tmp_path}", "init_from=null", *extra)
-    return GrpoTrainer(cfg)
+    n = cfg.mesh.data * cfg.mesh.expert * cfg.mesh.model
+    return GrpoTrainer(cfg, jax.devices()[:n])
 
 
 def _scripted_groups(trainer, rewards_by_group):
