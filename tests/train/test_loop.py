@@ -69,15 +69,20 @@ def test_bad_config_fails_at_start_naming_the_key():
 def test_packed_loss_equals_token_weighted_documents():
     cfg = config_lib.load_model("configs/model/tiny-moe.yaml", "num_hidden_layers=2", "vocab_size=128")
     graphdef, state = jax.jit(lambda: nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=init_key(0)))))()
-    model = lambda: nnx.merge(graphdef, state)  # noqa: E731
+    run = jax.jit(lambda b: nnx.merge(graphdef, state)(b["inputs"], b["positions"], b["segment_ids"],
+                                                        mtp_inputs=b["targets"]))
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 128, size=n + 1) for n in (7, 5, 4)]  # 16 input tokens in all
 
-    def batch_of(rows):
-        t = max(len(d) - 1 for d in rows) if len(rows) > 1 else len(rows[0]) - 1
-        return {"inputs": jnp.asarray([d[:-1] for d in rows]), "targets": jnp.asarray([d[1:] for d in rows]),
-                "loss_mask": jnp.ones((len(rows), t), jnp.float32), "segment_ids": jnp.ones((len(rows), t), jnp.int32),
-                "positions": jnp.broadcast_to(jnp.arange(t), (len(rows), t))}
+    def alone(d, width=8):
+        """One document in a row of `width`, right-padded: causal attention keeps the padding
+        from changing the document's own outputs, and the mask drops it from the loss."""
+        n = len(d) - 1
+        pad = lambda x: np.pad(x, (0, width - n))  # noqa: E731
+        return {"inputs": jnp.asarray(pad(d[:-1]))[None], "targets": jnp.asarray(pad(d[1:]))[None],
+                "loss_mask": jnp.asarray(pad(np.ones(n, np.float32)))[None],
+                "segment_ids": jnp.asarray(pad(np.ones(n, np.int32)))[None],
+                "positions": jnp.asarray(pad(np.arange(n)))[None]}
 
     packed = {
         "inputs": jnp.asarray(np.concatenate([d[:-1] for d in docs]))[None],
@@ -86,15 +91,15 @@ def test_packed_loss_equals_token_weighted_documents():
         "segment_ids": jnp.asarray(np.repeat([1, 2, 3], [7, 5, 4]))[None],
         "positions": jnp.asarray(np.concatenate([np.arange(7), np.arange(5), np.arange(4)]))[None],
     }
-    out = model()(packed["inputs"], packed["positions"], packed["segment_ids"], mtp_inputs=packed["targets"])
-    _, metrics = lm_loss(out, packed, mtp_weight=0.3)
+    _, metrics = lm_loss(run(packed), packed, mtp_weight=0.3)
 
     ce_sum = ce_count = mtp_sum = mtp_count = 0.0
     for d in docs:
-        b = batch_of([d])
-        o = model()(b["inputs"], b["positions"], b["segment_ids"], mtp_inputs=b["targets"])
+        b = alone(d)
+        o = run(b)
+        mask = b["loss_mask"]
         ce = token_cross_entropy(o.logits, b["targets"])
-        ce_sum, ce_count = ce_sum + float(ce.sum()), ce_count + ce.size
+        ce_sum, ce_count = ce_sum + float((ce * mask).sum()), ce_count + float(mask.sum())
         targets, valid = mtp_targets(b, 1)
         mtp = token_cross_entropy(o.mtp_logits[0], targets)
         mtp_sum, mtp_count = mtp_sum + float((mtp * valid).sum()), mtp_count + float(valid.sum())
