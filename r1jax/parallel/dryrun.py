@@ -101,9 +101,7 @@ def dry_run(cfg, mesh) -> DryRunReport:
         compiled = lowered.compile()
         t2 = time.perf_counter()
     sys.stderr.write("".join(line + "\n" for line in log.text.splitlines() if REMAT_WARNING not in line)[-4000:])
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), step.abstract, step.state_shardings
-    )
+    abstract = step.sharded_abstract()
     mem = compiled.memory_analysis()
     arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes

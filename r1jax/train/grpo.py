@@ -32,6 +32,7 @@ from r1jax.sampling.engine import Engine, SamplingParams, Weights
 from r1jax.train import advantages as adv_lib
 from r1jax.train import rewards as rewards_lib
 from r1jax.train.evaluate import evaluate_tasks
+from r1jax.train.loop import start_state
 from r1jax.train.metrics import MetricsLogger, plot_curves, to_python
 from r1jax.train.policy_loss import grpo_loss, token_entropy, token_logprobs
 from r1jax.train.state import TrainState
@@ -298,33 +299,16 @@ class GrpoTrainer:
         anchor = (step // every) * every if every else 0
         if self.reference is None or (every and step % every == 0):
             path = self._reference_dir(anchor)
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    (self.step_fn.abstract.params, self.step_fn.abstract.extra),
-                                    (self.step_fn.state_shardings.params, self.step_fn.state_shardings.extra))
+            abstract = self.step_fn.sharded_abstract()
             if (path / "params").exists():
-                self.reference = ckpt_lib.load_params(path, abstract)
+                self.reference = ckpt_lib.load_params(path, (abstract.params, abstract.extra))
             else:
                 self.reference = jax.tree.map(jnp.copy, (state.params, state.extra))
                 ckpt_lib.export_params(path, self.reference, {"step": anchor})
 
     def _start(self):
-        cfg = self.cfg
-        if cfg.resume == "auto" and self.checkpointer.latest_step() is not None:
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    self.step_fn.abstract, self.step_fn.state_shardings)
-            state, data_state, meta = self.checkpointer.restore(abstract)
-            if data_state is not None:
-                self.prompts.set_state(data_state)
-            return state, int(meta.get("iteration", 0))
-        state = self.step_fn.init(cfg.seed)
-        if cfg.init_from:
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    (self.step_fn.abstract.params, self.step_fn.abstract.extra),
-                                    (self.step_fn.state_shardings.params, self.step_fn.state_shardings.extra))
-            params, extra = ckpt_lib.load_params(cfg.init_from, abstract)
-            state = self.step_fn.place(state.replace(params=params, extra=extra,
-                                                     opt_state=self.step_fn.optimizer.init(params)))
-        return state, 0
+        state, meta = start_state(self.cfg, self.step_fn, self.checkpointer, self.prompts)
+        return state, int(meta.get("iteration", 0)) if meta is not None else 0
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         g = self.cfg.grpo

@@ -75,26 +75,22 @@ def _evaluate(step_fn: TrainStep, state, batches: list[dict]) -> dict[str, float
     return totals
 
 
-def _start_state(cfg: Config, step_fn: TrainStep, checkpointer: ckpt_lib.Checkpointer, iterator):
-    """(state, start step): restored from the newest good checkpoint, or fresh (optionally with
-    the params of `init_from`)."""
+def start_state(cfg: Config, step_fn: TrainStep, checkpointer: ckpt_lib.Checkpointer, iterator):
+    """(state, checkpoint meta or None): restored with the data iterator from the newest good
+    checkpoint, or fresh (with the params and routing biases of `init_from`, if set)."""
     if cfg.resume == "auto" and checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                step_fn.abstract, step_fn.state_shardings)
-        state, data_state, _ = checkpointer.restore(abstract)
+        state, data_state, meta = checkpointer.restore(step_fn.sharded_abstract())
         if data_state is not None:
             iterator.set_state(data_state)
         log.info("resumed %s at step %d", cfg.run_dir, int(state.step))
-        return state, int(state.step)
+        return state, meta
     state = step_fn.init(cfg.seed)
     if cfg.init_from:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                (step_fn.abstract.params, step_fn.abstract.extra),
-                                (step_fn.state_shardings.params, step_fn.state_shardings.extra))
-        params, extra = ckpt_lib.load_params(cfg.init_from, abstract)  # falls back past a broken newest step
+        abstract = step_fn.sharded_abstract()
+        params, extra = ckpt_lib.load_params(cfg.init_from, (abstract.params, abstract.extra))
         state = step_fn.place(state.replace(params=params, extra=extra, opt_state=step_fn.optimizer.init(params)))
         log.info("initialised from %s", cfg.init_from)
-    return state, 0
+    return state, None
 
 
 def train(cfg: Config) -> TrainSummary:
@@ -116,7 +112,8 @@ def train(cfg: Config) -> TrainSummary:
     checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
                                          keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     iterator = iter(make_dataset(cfg, tokenizer))
-    state, start = _start_state(cfg, step_fn, checkpointer, iterator)
+    state, restored = start_state(cfg, step_fn, checkpointer, iterator)
+    start = int(state.step) if restored is not None else 0
     held_out = eval_batches(cfg, tokenizer)
 
     # Emulated CPU devices share one machine's cores: its peak is the peak of all of them.

@@ -200,13 +200,17 @@ class TrainStep:
         """Forward pass without gradients: (loss metrics, logits [B,T,V])."""
         return self._eval(state.params, state.extra, batch)
 
+    def sharded_abstract(self) -> TrainState:
+        """The state as `jax.ShapeDtypeStruct`s carrying this step's shardings: what a checkpoint
+        restores into and what the dry run compiles for."""
+        if self.mesh is None:
+            return self.abstract
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract, self.state_shardings)
+
     def lower(self, batch_shape: tuple[int, int]):
         """Lowers the train step for abstract inputs (the dry run): nothing is allocated."""
-        abstract = self.abstract
-        if self.mesh is not None:
-            abstract = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings
-            )
+        abstract = self.sharded_abstract()
         batch = {}
         for k in BATCH_KEYS:
             dt = jnp.float32 if k == "loss_mask" else jnp.int32
