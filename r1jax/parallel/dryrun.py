@@ -89,7 +89,6 @@ def _shard_bytes(tree) -> int:
 
 def dry_run(cfg, mesh) -> DryRunReport:
     """Compiles `TrainStep(cfg, mesh)` for abstract inputs and reads its memory analysis."""
-    import jax
 
     from r1jax.train.step import TrainStep
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from r1jax import checkpoint as ckpt_lib
 from r1jax.config import Config, ConfigError, to_dict
@@ -55,7 +56,7 @@ class GrpoStep(TrainStep):
 
     def _policy(self, params, extra, batch):
         with self._placement():
-            model = __import__("flax").nnx.merge(self.graphdef, params, extra)
+            model = nnx.merge(self.graphdef, params, extra)
             out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         return out, token_logprobs(out.logits, batch["targets"], self.cfg.grpo.temperature)
 
