@@ -260,6 +260,14 @@ class DataConfig:
     vocab_size: int = 1024  # of a tokenizer trained here
     builtin_docs: int = 20000  # built-in corpus size (pretrain documents / SFT samples)
     max_difficulty: int = 3  # built-in tasks of difficulty 1..max_difficulty
+    tasks: tuple[str, ...] = ("arithmetic", "countdown", "linear")  # which built-in tasks
+    skip_bad_lines: bool = False  # malformed JSONL records: skipped and counted, not fatal
+
+    def __post_init__(self):
+        known = ("arithmetic", "countdown", "linear")
+        _require(len(self.tasks) > 0 and all(t in known for t in self.tasks), "tasks",
+                 f"must be a non-empty list of {list(known)}, got {list(self.tasks)}")
+        _require(self.max_difficulty >= 1, "max_difficulty", "must be >= 1")
     packing: Literal["concat_split", "first_fit"] | None = None  # null: by mode
     shuffle: bool = True
 
@@ -399,6 +407,12 @@ def _coerce(tp, value, key: str):
     if tp is dict:
         _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return dict(value)
+    if origin is tuple:  # tuple[X, ...]: a YAML list, or one comma-separated string
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _require(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        (item, _) = typing.get_args(tp)
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     return value
 
 

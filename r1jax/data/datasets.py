@@ -24,7 +24,7 @@ TOKENIZER_FILE = "tokenizer.model"
 
 def task_options(cfg: Config) -> dict:
     """Keyword arguments of `corpus` generators for this run's built-in tasks."""
-    return {"difficulties": tuple(range(1, cfg.data.max_difficulty + 1))}
+    return {"difficulties": tuple(range(1, cfg.data.max_difficulty + 1)), "tasks": tuple(cfg.data.tasks)}
 
 
 def _builtin_texts(cfg: Config) -> list[str]:
