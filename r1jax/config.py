@@ -297,7 +297,7 @@ class GrpoConfig:
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
     reward_timeout_s: float = 10.0
     eval_every: int = 0
-    eval_prompts: int = 64
+    eval_prompts: int = 64  # held-out prompts evaluated (0: no evaluation)
     eval_samples: int = 4  # k for pass@1 at T 0.6, top-p 0.95
     log_samples_every: int = 10
 

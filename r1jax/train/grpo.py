@@ -312,7 +312,10 @@ class GrpoTrainer:
         return state, int(meta.get("iteration", 0)) if meta is not None else 0
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Held-out pass@1 / greedy accuracy / format ({} with grpo.eval_prompts: 0)."""
         g = self.cfg.grpo
+        if not self.eval_records:
+            return {}
         return evaluate_tasks((self.step_fn.graphdef, state), self.tokenizer, self.eval_records,
                               k=g.eval_samples, max_tokens=g.max_completion_length, seed=self.cfg.seed,
                               max_len=self.cfg.seq_len)
@@ -327,7 +330,7 @@ class GrpoTrainer:
         rollout_tokens = 0
         first_eval = last_eval = None
         try:
-            if start == 0:
+            if start == 0 and self.eval_records:
                 first_eval = self.evaluate(state)
                 logger.log(0, first_eval, prefix="eval_")
             for it in range(start, cfg.steps):
@@ -361,13 +364,13 @@ class GrpoTrainer:
                             f.write(json.dumps({"step": it + 1, "prompt": ro.prompts[r]["question"],
                                                 "completion": ro.texts[r], "reward": float(ro.rewards[r]),
                                                 "advantage": float(ro.batch["advantages"][r, 0])}) + "\n")
-                if g.eval_every and (it + 1) % g.eval_every == 0:
+                if g.eval_every and (it + 1) % g.eval_every == 0 and self.eval_records:
                     last_eval = self.evaluate(state)
                     logger.log(it + 1, last_eval, prefix="eval_")
                 if self.checkpointer.should_save(it + 1):
                     self.checkpointer.save(it + 1, state, data_state=self.prompts.get_state(),
                                            meta={"iteration": it + 1, "config": to_dict(cfg)})
-            if last_eval is None or (g.eval_every and cfg.steps % g.eval_every):
+            if self.eval_records and (last_eval is None or (g.eval_every and cfg.steps % g.eval_every)):
                 last_eval = self.evaluate(state)
                 logger.log(cfg.steps, last_eval, prefix="eval_")
             if self.checkpointer.latest_step() != cfg.steps:

@@ -36,6 +36,11 @@ def split_of(question: str) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") < EVAL_FRACTION * 2**64 else "train"
 
 
+# Consecutive draws of already-seen questions after which a small question space (one easy task)
+# counts as exhausted and repeats are allowed, instead of searching forever.
+MAX_REPEAT_DRAWS = 2000
+
+
 def samples(
     split: str,
     seed: int,
@@ -43,17 +48,26 @@ def samples(
     tasks: Sequence[str] = tuple(TASKS),
     difficulties: Sequence[int] = DIFFICULTIES,
 ) -> Iterator[Sample]:
-    """Endless distinct samples of one split, mixing tasks and difficulties uniformly."""
+    """Endless samples of one split, mixing tasks and difficulties uniformly; distinct until the
+    split's question space is used up, then the next pass begins."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     seen: set[str] = set()
+    misses = 0
     for i in itertools.count():
         rng = random.Random(f"{seed}:{i}")  # str seeds hash deterministically
         task = rng.choice(tasks)
         sample = TASKS[task].generate(rng, rng.choice(difficulties))
-        if sample.question not in seen and split_of(sample.question) == split:
-            seen.add(sample.question)
-            yield sample
+        if split_of(sample.question) != split:
+            continue
+        if sample.question in seen:
+            misses += 1
+            if misses > MAX_REPEAT_DRAWS:  # every question of this split has been drawn: next epoch
+                seen.clear()
+            continue
+        misses = 0
+        seen.add(sample.question)
+        yield sample
 
 
 def pretrain_documents(count: int, seed: int, **kwargs) -> Iterator[str]:
