@@ -8,6 +8,7 @@ import logging
 import sys
 
 from r1jax import config as config_lib
+from r1jax.data.sources import DataError
 
 
 def main(argv: list[str]) -> int:
@@ -22,6 +23,20 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("r1jax").setLevel(logging.INFO)
+    try:
+        return run(cfg)
+    except config_lib.ConfigError as e:  # e.g. a data path that does not exist
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # a malformed record (data.skip_bad_lines: true skips them)
+        print(f"data error: {e}", file=sys.stderr)
+        return 1
+    except FloatingPointError as e:  # max_nonfinite_steps NaN/inf losses in a row
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+def run(cfg: config_lib.Config) -> int:
     if cfg.mode == "grpo":
         from r1jax.train.grpo import GrpoTrainer
 

@@ -3,19 +3,28 @@
 `data.source: builtin` generates the verifiable tasks of `r1jax.data.tasks` (pretraining text or
 cold-start SFT chats, by `mode`); otherwise a JSONL or ArrayRecord path whose records are
 `data.format` (text, chat, or GSM8K, turned into R1-format chats).
+
+Bad input fails early and clearly: `data_source` checks a file in full when it opens it, so a
+path that matches nothing is a ConfigError naming its key, and a malformed record a DataError
+"file:line: problem" (the LM loop opens its sources before the tokenizer and any compile). With
+`data.skip_bad_lines: true` malformed records are skipped instead, each logged, and counted
+(`skipped_lines`).
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
+import os
 from pathlib import Path
+from typing import Any
 
 import jax
 
-from r1jax.config import Config
+from r1jax.config import Config, ConfigError
 from r1jax.data import pipeline
-from r1jax.data.sources import ArrayRecordJsonSource, JsonlSource, gsm8k_chat, parse_chat, parse_gsm8k
+from r1jax.data.sources import (ArrayRecordJsonSource, JsonlSource, gsm8k_chat, parse_chat, parse_gsm8k,
+                                parse_text)
 from r1jax.data.tasks import corpus
 from r1jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, render_chat, train_sentencepiece
 
@@ -47,7 +56,7 @@ def load_or_train_tokenizer(cfg: Config) -> Tokenizer:
         if Path(path).is_file():
             return SentencePieceTokenizer(path)
     if cfg.data.tokenizer:
-        raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
+        raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text_file = run_dir / "tokenizer_corpus.txt"
@@ -57,14 +66,30 @@ def load_or_train_tokenizer(cfg: Config) -> Tokenizer:
     return tok
 
 
-def _file_source(pattern: str, fmt: str):
-    paths = sorted(glob.glob(pattern)) or [pattern]
-    parser = {"text": None, "chat": parse_chat, "gsm8k": lambda o: gsm8k_chat(parse_gsm8k(o))}[fmt]
+def _gsm8k(obj: Any) -> dict:
+    return gsm8k_chat(parse_gsm8k(obj))
+
+
+def _file_source(pattern: str, fmt: str, *, key: str = "data.source", skip_bad_lines: bool = False):
+    """The records of a .jsonl / .array_record path (or glob), every one parsed here once."""
+    paths = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
+    if not paths:
+        raise ConfigError(key, f"{pattern} does not exist (no file matches)")
+    not_files = [p for p in paths if not os.path.isfile(p)]
+    if not_files:
+        raise ConfigError(key, f"{not_files[0]} is not a file (a .jsonl or .array_record file or glob is expected)")
+    parser = {"text": parse_text, "chat": parse_chat, "gsm8k": _gsm8k}[fmt]
+    check = dict(validate=True, skip_bad_lines=skip_bad_lines)
     if paths[0].endswith(".array_record"):
-        return ArrayRecordJsonSource(paths, parser=parser)
-    if len(paths) > 1:
-        raise ValueError(f"data.source: several JSONL files match {pattern!r}; concatenate them or use ArrayRecord")
-    return JsonlSource(paths[0], parser=parser)
+        source = ArrayRecordJsonSource(paths, parser=parser, **check)
+    elif len(paths) > 1:
+        raise ConfigError(key, f"several JSONL files match {pattern!r}; concatenate them or use ArrayRecord")
+    else:
+        source = JsonlSource(paths[0], parser=parser, **check)
+    if not len(source):
+        skipped = f" ({len(source.skipped)} malformed, skipped)" if source.skipped else ""
+        raise ConfigError(key, f"{pattern} holds no {fmt} records{skipped}")
+    return source
 
 
 def _builtin_source(cfg: Config, split: str) -> list:
@@ -83,16 +108,33 @@ def _builtin_source(cfg: Config, split: str) -> list:
     ]
 
 
-def make_dataset(cfg: Config, tokenizer: Tokenizer, split: str = "train", *, seed_offset: int = 0):
-    """Batches of this process's share of the global batch (see `r1jax.data.pipeline`)."""
-    chat = cfg.mode != "pretrain" or cfg.data.format != "text"
+def data_source(cfg: Config, split: str = "train"):
+    """The records of `split` (random access), or None when there is no held-out file.
+
+    A file is opened and checked in full here: see the module docstring."""
     if cfg.data.source == "builtin":
-        source = _builtin_source(cfg, split)
-    else:
-        path = cfg.data.source if split == "train" else cfg.data.eval_source
-        if path is None:
-            return None
-        source = _file_source(path, cfg.data.format)
+        return _builtin_source(cfg, split)
+    key = "data.source" if split == "train" else "data.eval_source"
+    path = cfg.data.source if split == "train" else cfg.data.eval_source
+    if path is None:
+        return None
+    if cfg.mode != "pretrain" and cfg.data.format == "text":
+        raise ConfigError("data.format", f"mode {cfg.mode} trains on chat or gsm8k records, not text")
+    return _file_source(path, cfg.data.format, key=key, skip_bad_lines=cfg.data.skip_bad_lines)
+
+
+def skipped_lines(*sources) -> int:
+    """How many malformed records these sources skipped (`data.skip_bad_lines`)."""
+    return sum(len(getattr(s, "skipped", ())) for s in sources if s is not None)
+
+
+def make_dataset(cfg: Config, tokenizer: Tokenizer, split: str = "train", *, seed_offset: int = 0, source=None):
+    """Batches of this process's share of the global batch (see `r1jax.data.pipeline`), from
+    `source` (default: `data_source(cfg, split)`); None when there is no held-out file."""
+    chat = cfg.mode != "pretrain" or cfg.data.format != "text"
+    source = data_source(cfg, split) if source is None else source
+    if source is None:
+        return None
     per_process = cfg.batch_size // jax.process_count()
     build = pipeline.sft_dataset if chat else pipeline.pretrain_dataset
     kwargs = dict(seq_len=cfg.seq_len, batch_size=per_process, seed=cfg.seed + seed_offset,
@@ -102,9 +144,9 @@ def make_dataset(cfg: Config, tokenizer: Tokenizer, split: str = "train", *, see
     return build(source, tokenizer, **kwargs)
 
 
-def eval_batches(cfg: Config, tokenizer: Tokenizer) -> list[dict]:
+def eval_batches(cfg: Config, tokenizer: Tokenizer, *, source=None) -> list[dict]:
     """A fixed list of held-out batches (the same every evaluation)."""
-    ds = make_dataset(cfg, tokenizer, "eval")
+    ds = make_dataset(cfg, tokenizer, "eval", source=source)
     if ds is None:
         return []
     return list(itertools.islice(iter(ds), cfg.eval_batches))

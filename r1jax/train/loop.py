@@ -21,7 +21,7 @@ import yaml
 
 from r1jax import checkpoint as ckpt_lib
 from r1jax.config import Config, ConfigError, to_dict
-from r1jax.data.datasets import eval_batches, load_or_train_tokenizer, make_dataset
+from r1jax.data.datasets import data_source, eval_batches, load_or_train_tokenizer, make_dataset, skipped_lines
 from r1jax.data.pipeline import to_global_batch
 from r1jax.model.summary import train_flops_per_token
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
@@ -49,6 +49,7 @@ class TrainSummary:
     plot: str | None
     wall_s: float
     resumed_from: int | None = None
+    skipped_lines: int = 0  # malformed data records skipped (data.skip_bad_lines)
 
     def table(self) -> str:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -63,6 +64,8 @@ class TrainSummary:
         ]
         if self.resumed_from is not None:
             rows.insert(2, ("resumed from step", str(self.resumed_from)))
+        if self.skipped_lines:
+            rows.insert(2, ("skipped data lines", f"{self.skipped_lines} (malformed; see the warnings)"))
         return "\n".join(f"  {k:<22}{v}" for k, v in rows)
 
 
@@ -105,16 +108,19 @@ def train(cfg: Config) -> TrainSummary:
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
+    # Data first: a missing path or a malformed record stops the run before the tokenizer and any compile.
+    train_source, eval_source = data_source(cfg, "train"), data_source(cfg, "eval")
+    skipped = skipped_lines(train_source, eval_source)
     tokenizer = load_or_train_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
     step_fn = TrainStep(cfg, mesh)
     checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
                                          keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    iterator = iter(make_dataset(cfg, tokenizer))
+    iterator = iter(make_dataset(cfg, tokenizer, source=train_source))
     state, restored = start_state(cfg, step_fn, checkpointer, iterator)
     start = int(state.step) if restored is not None else 0
-    held_out = eval_batches(cfg, tokenizer)
+    held_out = eval_batches(cfg, tokenizer, source=eval_source) if eval_source is not None else []
 
     # Emulated CPU devices share one machine's cores: its peak is the peak of all of them.
     peak = measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
@@ -126,6 +132,8 @@ def train(cfg: Config) -> TrainSummary:
     speeds = []
     bad_in_a_row = 0
     meta = {"config": to_dict(cfg), "tokenizer": str(getattr(tokenizer, "model_file", ""))}
+    if cfg.data.skip_bad_lines:
+        logger.log(start, {"skipped_lines": skipped}, prefix="data/")
     try:
         for step in range(start, cfg.steps):
             batch = to_global_batch(next(iterator), step_fn.batch_shardings["inputs"])
@@ -149,13 +157,16 @@ def train(cfg: Config) -> TrainSummary:
                 )
             first_loss = metrics["loss"] if first_loss is None else first_loss
             last_loss = metrics["loss"]
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or metrics["nonfinite"]:
                 logger.log(step + 1, metrics)
             if held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 eval_loss = _evaluate(step_fn, state, held_out)["loss"]
                 logger.log(step + 1, {"loss": eval_loss}, prefix="eval_")
             if checkpointer.should_save(step + 1):
-                checkpointer.save(step + 1, state, data_state=iterator.get_state(), meta=meta)
+                if metrics["nonfinite"]:  # the newest checkpoint always follows a finite step
+                    log.warning("step %d: no checkpoint after a non-finite step", step + 1)
+                else:
+                    checkpointer.save(step + 1, state, data_state=iterator.get_state(), meta=meta)
             if step + 1 == _KILL_AT_STEP:  # fault injection for the kill-and-resume test
                 os.kill(os.getpid(), signal.SIGKILL)
         if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
@@ -178,5 +189,5 @@ def train(cfg: Config) -> TrainSummary:
         final_eval_loss=eval_loss, tokens_per_s=mean_speed,
         mfu=mean_speed and mean_speed * flops_per_step / tokens_per_step / peak,
         peak_flops=peak, checkpoint_dir=str(run_dir / "checkpoints"), params_dir=str(params_dir), plot=plot,
-        wall_s=time.perf_counter() - t_start, resumed_from=start or None,
+        wall_s=time.perf_counter() - t_start, resumed_from=start or None, skipped_lines=skipped,
     )
