@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -33,6 +34,7 @@ def _size(tree) -> int:
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
 
 
+@functools.lru_cache(maxsize=16)  # an abstract trace of the whole model: seconds on a small CPU
 def count_params(cfg: ModelConfig) -> ParamCount:
     model = abstract_model(cfg)
     params = nnx.state(model, nnx.Param)
