@@ -1,17 +1,49 @@
-"""Decode / prefill throughput, cache bytes per token and MTP acceptance of the sampling engine.
+"""Decode / prefill throughput and cache bytes per token of the sampling engine, side by side with
+Hugging Face transformers (`DeepseekV3ForCausalLM.generate`, torch CPU, float32) on the same weights.
 
-    python benchmarks/decode.py                      # tiny-moe
-    python benchmarks/decode.py --config small-moe --steps 16
+    python benchmarks/decode.py                                   # tiny-moe, r1jax vs HF
+    python benchmarks/decode.py --configs tiny-moe small-moe --steps 32
+    taskset -c 0 python benchmarks/decode.py --configs small-moe --steps 16 --skip-mtp  # one core each
+    python benchmarks/decode.py --configs small-moe --skip-hf     # r1jax only (+ MTP speculative)
 
-Random weights (filled from NumPy, no init compiles): throughput is real, but acceptance of
-MTP drafts from an untrained MTP module is near zero, so the speculative row measures the
-overhead of drafting, not its gain. Times exclude compilation (one warm-up call each).
-Not done here: an HF transformers side-by-side.
+Per config, one r1jax model with random weights (filled from NumPy, no init compiles) and the
+same weights in transformers (`r1jax.interop.hf.to_hf_state_dict` + `load_state_dict`); the
+last-token logits of the prefill batch are compared to show the two run the same model. Both
+compute in float32 by default (`--dtype config` keeps the yaml's, e.g. small-moe's bfloat16,
+which XLA:CPU runs several times slower than float32). torch gets one intra-op thread per CPU
+this process may use (`--torch-threads`); on a loaded machine multi-threaded torch can be 10x
+slower than one thread (spinning barriers), so pin with `taskset` for a like-for-like run.
+
+  prefill tok/s   8 prompts x --prefill-len tokens, one call (r1jax: `engine.prefill`;
+                  HF: one forward with use_cache=True, logits of the last token only)
+  decode tok/s    batch 1 and 16 after a 16-token prompt. r1jax: the compiled decode + sample
+                  step (greedy), tokens stay on device; HF: greedy `generate`, no early stop,
+                  rate = batch * steps / (time of steps + 1 new tokens - time of 1 new token)
+  cache B/token   r1jax: bytes of the allocated cache arrays / (slots x max_len), bf16 (the
+                  engine's default cache dtype, also for float32 models); HF: bytes of the
+                  DynamicCache tensors after the prefill forward / (batch x tokens), float32 as
+                  run; the "bf16" column is the same layout at 2 bytes a value (like for like)
+
+A last section compares one layer with V3's attention shapes (128 heads, q/kv ranks 1536/512,
+head dims 128/64/128; dense FFN, small vocab): r1jax's cache from `jax.eval_shape` of the
+layout (nothing allocated), HF's measured from a real forward, and the per-head K/V a cache of
+the expanded keys and values would hold (H x (nope + rope + v) values a token and layer). Note
+that transformers 5.x's `DeepseekV3Attention` (checked on 5.24) caches the compressed latent too
+(kv_nope [L] as "keys" and k_rot [R] as "values" per token and layer, re-expanded through
+kv_b_proj at every step), so HF's cache is as small as r1jax's at the same dtype; the ~70x is
+against the per-head layout, which is what transformers 4.x's DeepseekV3 cached.
+
+Caveats: random weights (MTP acceptance from an untrained MTP module is near zero, so the
+speculative row, r1jax only, measures the overhead of drafting, not its gain); times exclude
+compilation / warm-up (one call each); CPU timings on a shared machine are noisy; r1jax's decode
+step attends over its whole preallocated max_len cache row (masked), HF over the tokens so far.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import time
 
 import jax
@@ -19,11 +51,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax.config import load_model
+from r1jax.config import ModelConfig, load_model
+from r1jax.interop.hf import to_hf_state_dict
 from r1jax.model.decoder import Decoder
+from r1jax.model.summary import kv_cache_bytes_per_token, mha_cache_bytes_per_token
 from r1jax.sampling import cache as cache_lib
 from r1jax.sampling import engine as eng
 from r1jax.sampling.speculative import speculative_generate
+
+DECODE_PROMPT = 16  # prompt length before the decode measurements (both frameworks)
+PREFILL_ROWS = 8
+BATCHES = (1, 16)
+REPEATS = 2  # decode timings: best of this many (both frameworks)
+
+# One layer with DeepSeek-V3's attention shapes; a small dense FFN and vocab keep it cheap.
+V3_ATTENTION = ModelConfig(
+    vocab_size=256, hidden_size=7168, num_hidden_layers=1, num_attention_heads=128, intermediate_size=256,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+)
+
+
+# ----------------------------------------------------------------------------- r1jax
 
 
 def random_model(cfg, seed=0) -> Decoder:
@@ -39,11 +87,18 @@ def random_model(cfg, seed=0) -> Decoder:
     return nnx.merge(graphdef, params, rest)
 
 
+def decode_prompts(batch: int) -> list[list[int]]:
+    return [[3 + i] * DECODE_PROMPT for i in range(batch)]
+
+
+def prefill_prompts(cfg, batch: int, length: int) -> list[list[int]]:
+    return [list(np.random.default_rng(i).integers(3, cfg.vocab_size, length)) for i in range(batch)]
+
+
 def decode_rate(w, cfg, batch: int, steps: int, max_len: int) -> float:
-    """Tokens/s of the compiled decode + sample step with `batch` active slots."""
+    """Tokens/s of the compiled decode + sample step (greedy) with `batch` active slots."""
     cache = cache_lib.init_cache(cfg, batch, max_len)
-    prompts = [[3 + i] * 16 for i in range(batch)]
-    cache, _ = eng.prefill(w, cache, prompts, list(range(batch)))
+    cache, _ = eng.prefill(w, cache, decode_prompts(batch), list(range(batch)))
     args = (np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
             np.zeros(batch, np.uint32), np.zeros(batch, np.int32), np.zeros(batch, np.int32))
     tokens, active = jnp.zeros(batch, jnp.int32), jnp.ones(batch, bool)
@@ -53,56 +108,298 @@ def decode_rate(w, cfg, batch: int, steps: int, max_len: int) -> float:
 
     cache, tokens, _ = step(cache, tokens)  # compile
     jax.block_until_ready(tokens)
-    start = time.perf_counter()
-    for _ in range(steps):
-        cache, tokens, _ = step(cache, tokens)  # tokens stay on device: no host sync in the loop
-    jax.block_until_ready(tokens)
-    return batch * steps / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(steps):
+            cache, tokens, _ = step(cache, tokens)  # tokens stay on device: no host sync in the loop
+        jax.block_until_ready(tokens)
+        best = min(best, time.perf_counter() - start)
+    return batch * steps / best
 
 
-def prefill_rate(w, cfg, batch: int, length: int, max_len: int) -> float:
-    prompts = [list(np.random.default_rng(i).integers(3, cfg.vocab_size, length)) for i in range(batch)]
+def prefill_rate(w, cfg, batch: int, length: int, max_len: int) -> tuple[float, np.ndarray]:
+    """Tokens/s of one prefill call, and the last-token logits [batch, V] it leaves."""
+    prompts = prefill_prompts(cfg, batch, length)
     cache = cache_lib.init_cache(cfg, batch, max_len)
     cache, buf = eng.prefill(w, cache, prompts, list(range(batch)), chunk=length)  # compile
     jax.block_until_ready(buf)
     start = time.perf_counter()
     cache, buf = eng.prefill(w, cache, prompts, list(range(batch)), buf, chunk=length)
     jax.block_until_ready(buf)
-    return batch * length / (time.perf_counter() - start)
+    return batch * length / (time.perf_counter() - start), np.asarray(buf, np.float32)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="tiny-moe")
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--prefill-len", type=int, default=128)
-    ap.add_argument("--max-len", type=int, default=512)
-    args = ap.parse_args()
-    cfg = load_model(f"configs/model/{args.config}.yaml")
+def r1jax_cache_bytes_per_token(cfg, slots: int = 1, max_len: int = 64) -> int:
+    """From the cache layout (`jax.eval_shape`: nothing allocated), checked against the summary."""
+    shapes = jax.eval_shape(lambda: cache_lib.init_cache(cfg, slots, max_len))
+    total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for s in shapes.stacks.values() for a in s.values())
+    per_token = total // (slots * max_len)
+    assert per_token == kv_cache_bytes_per_token(cfg) == cache_lib.bytes_per_token(cfg), per_token
+    return per_token
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def hf_config(cfg: ModelConfig):
+    """The `transformers.DeepseekV3Config` of an MLA `ModelConfig` (the inverse of
+    `r1jax.interop.hf.config_from_hf` for DeepSeek models; float32, sdpa attention, no MTP)."""
+    import transformers
+
+    if not cfg.is_mla:
+        raise ValueError("the HF side-by-side covers MLA (DeepseekV3) configs only")
+    if cfg.rope_scaling is None:
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    elif cfg.rope_scaling.type == "yarn":
+        rs = cfg.rope_scaling
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": rs.factor,
+                "original_max_position_embeddings": rs.original_max_position_embeddings,
+                "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale,
+                "mscale_all_dim": rs.mscale_all_dim}
+    else:
+        raise ValueError(f"rope_scaling {cfg.rope_scaling.type} has no DeepseekV3 equivalent")
+    if cfg.is_moe:
+        if (cfg.scoring_func, cfg.topk_method) != ("sigmoid", "noaux_tc"):
+            raise ValueError("transformers' DeepseekV3 routes with sigmoid scores and noaux_tc only")
+        ffn = {"n_routed_experts": cfg.n_routed_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+               "moe_intermediate_size": cfg.moe_intermediate_size, "n_shared_experts": cfg.n_shared_experts,
+               "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+               "routed_scaling_factor": cfg.routed_scaling_factor, "norm_topk_prob": cfg.norm_topk_prob,
+               "first_k_dense_replace": cfg.num_dense_layers}
+    else:  # every layer dense; the MoE fields are unused
+        ffn = {"n_routed_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
+                   "moe_intermediate_size": 1, "first_k_dense_replace": cfg.num_hidden_layers}
+    return transformers.DeepseekV3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        rope_parameters=rope, rope_interleave=cfg.rope_interleave, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, num_mtp_layers=0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa", **ffn,
+    )
+
+
+def hf_model(cfg: ModelConfig, state: dict[str, np.ndarray] | None = None):
+    """`DeepseekV3ForCausalLM` in float32, eval mode, holding `state` (an HF state dict) when given;
+    built without transformers' weight init (every tensor is overwritten)."""
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = transformers.DeepseekV3ForCausalLM(hf_config(cfg))
+    model = model.to(torch.float32).eval()
+    if state is not None:
+        model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
+    model.generation_config.eos_token_id = None  # greedy to the last token, no early stop
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_cache_bytes(cache) -> tuple[int, int, dict[str, tuple[int, ...]]]:
+    """(bytes as stored, values stored, {"keys"/"values": shape of layer 0}) of a DynamicCache."""
+    layers = cache.layers
+    nbytes = sum(t.nbytes for layer in layers for t in (layer.keys, layer.values))
+    values = sum(t.numel() for layer in layers for t in (layer.keys, layer.values))
+    return nbytes, values, {"keys": tuple(layers[0].keys.shape), "values": tuple(layers[0].values.shape)}
+
+
+def hf_prefill(model, prompts: list[list[int]]):
+    """(tokens/s of one forward over the prompt batch with use_cache=True, last-token logits, cache)."""
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)  # warm-up
+        start = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        elapsed = time.perf_counter() - start
+    return ids.numel() / elapsed, out.logits[:, -1].float().numpy(), out.cache
+
+
+def hf_decode_rate(model, batch: int, steps: int) -> float:
+    """Greedy `generate` tokens/s: batch * steps / (t(steps + 1 new) - t(1 new)); the difference
+    takes out the prefill and the first token."""
+    import torch
+
+    ids = torch.tensor(decode_prompts(batch), dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def run(new: int) -> float:
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        elapsed = time.perf_counter() - start
+        assert out.shape == (batch, DECODE_PROMPT + new), out.shape
+        return elapsed
+
+    with torch.inference_mode():
+        run(2)  # warm-up
+        first = min(run(1) for _ in range(REPEATS))
+        total = min(run(steps + 1) for _ in range(REPEATS))
+    return batch * steps / max(total - first, 1e-9)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def row(config: str, framework: str, **cells) -> dict:
+    return {"config": config, "framework": framework, **cells}
+
+
+def torch_dtype_name(cache) -> str:
+    return str(cache.layers[0].keys.dtype).removeprefix("torch.")
+
+
+def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
+    cfg = load_model(f"configs/model/{name}.yaml")
+    if args.dtype != "config":
+        cfg = dataclasses.replace(cfg, dtype=args.dtype)
     t0 = time.perf_counter()
     model = random_model(cfg)
     w = eng.Weights.of(model)
-    print(f"{args.config}: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, dtype {cfg.dtype}, "
-          f"{jax.device_count()} x {jax.devices()[0].platform}; weights in {time.perf_counter() - t0:.1f}s")
-    rows = [
-        ("cache bytes / token (bf16, all layers)", f"{cache_lib.bytes_per_token(cfg):,}"),
-        ("cache bytes / token / layer", f"{cache_lib.bytes_per_token(cfg) // cfg.num_hidden_layers:,}"),
-        ("  vs per-head K+V (bf16, all layers)",
-         f"{2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers:,}"
-         if cfg.is_mla else "-"),
-        (f"prefill tokens/s (8 x {args.prefill_len})", f"{prefill_rate(w, cfg, 8, args.prefill_len, args.max_len):,.0f}"),
-        ("decode tokens/s, batch 1", f"{decode_rate(w, cfg, 1, args.steps, args.max_len):,.1f}"),
-        ("decode tokens/s, batch 16", f"{decode_rate(w, cfg, 16, args.steps, args.max_len):,.1f}"),
-    ]
-    if cfg.num_nextn_predict_layers:
-        prompt = [list(np.random.default_rng(0).integers(3, cfg.vocab_size, 16))]
+    head = (f"{name}: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+            f"r1jax compute {cfg.dtype} / params {cfg.param_dtype}; weights in {time.perf_counter() - t0:.1f}s")
+    notes = [head]
+    cache_bpt = r1jax_cache_bytes_per_token(cfg)
+    pf, pf_logits = prefill_rate(w, cfg, PREFILL_ROWS, args.prefill_len, args.max_len)
+    ours = row(name, "r1jax", prefill=pf, cache=cache_bpt, cache_bf16=cache_bpt, cache_dtype="bf16")
+    for b in BATCHES:
+        ours[f"b{b}"] = decode_rate(w, cfg, b, args.steps, args.max_len)
+    rows = [ours]
+    notes.append(f"  r1jax done in {time.perf_counter() - t0:.0f}s")
+
+    if cfg.num_nextn_predict_layers and not args.skip_mtp:
+        prompt = [list(np.random.default_rng(0).integers(3, cfg.vocab_size, DECODE_PROMPT))]
         speculative_generate(model, prompt, 8, max_len=args.max_len)  # compile
         spec = speculative_generate(model, prompt, args.steps, max_len=args.max_len)
-        rows += [("MTP speculative, batch 1: acceptance", f"{spec.acceptance_rate:.2f}"),
-                 ("MTP speculative, batch 1: tokens/s", f"{spec.tokens_per_second:,.1f}")]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v:>12}")
+        notes.append(f"  r1jax MTP speculative, batch 1: acceptance {spec.acceptance_rate:.2f}, "
+                     f"{spec.tokens_per_second:,.1f} tok/s (random weights: drafting overhead, not gain)")
+
+    if not args.skip_hf and cfg.is_mla:
+        import torch
+        import transformers
+
+        t1 = time.perf_counter()
+        hf = hf_model(cfg, to_hf_state_dict(model))
+        del model
+        pf_hf, hf_logits, hf_cache = hf_prefill(hf, prefill_prompts(cfg, PREFILL_ROWS, args.prefill_len))
+        nbytes, values, shapes = hf_cache_bytes(hf_cache)
+        tokens = PREFILL_ROWS * args.prefill_len
+        theirs = row(name, f"HF {transformers.__version__}", prefill=pf_hf, cache=nbytes / tokens,
+                     cache_bf16=2 * values / tokens, cache_dtype=torch_dtype_name(hf_cache))
+        for b in BATCHES:
+            theirs[f"b{b}"] = hf_decode_rate(hf, b, args.steps)
+        rows.append(theirs)
+        diff = np.abs(pf_logits - hf_logits).max()
+        notes.append(f"  HF ({torch.get_num_threads()} torch threads) done in {time.perf_counter() - t1:.0f}s; "
+                     f"cache layer 0 {shapes}; prefill last-token logits max |r1jax - HF| = {diff:.2g} "
+                     f"(scale {np.abs(hf_logits).max():.3g}; same argmax in "
+                     f"{(pf_logits.argmax(-1) == hf_logits.argmax(-1)).mean():.0%} of rows)")
+        rows.append(row(name, "r1jax vs HF", ratio=True, **{k: ours[k] / theirs[k] for k in ("prefill", "b1", "b16")},
+                        cache=theirs["cache"] / ours["cache"], cache_bf16=theirs["cache_bf16"] / ours["cache_bf16"]))
+        del hf
+    return rows, notes
+
+
+def v3_attention_rows(skip_hf: bool) -> tuple[list[dict], list[str]]:
+    """Cache bytes per token of one layer with V3's attention shapes."""
+    import transformers
+
+    cfg = V3_ATTENTION
+    name = "v3-attn-1L"
+    ours = r1jax_cache_bytes_per_token(cfg)
+    rows = [row(name, "r1jax", cache=ours, cache_bf16=ours, cache_dtype="bf16")]
+    notes = []
+    if not skip_hf:
+        import torch
+
+        t0 = time.perf_counter()
+        hf = hf_model(cfg)  # weights left uninitialised: only the cache shapes matter
+        for p in hf.parameters():
+            p.data.normal_(0, 0.01)
+        ids = torch.arange(8, dtype=torch.long)[None] + 3
+        with torch.inference_mode():
+            out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+        nbytes, values, shapes = hf_cache_bytes(out.cache)
+        n = ids.numel()
+        rows.append(row(name, f"HF {transformers.__version__}", cache=nbytes / n, cache_bf16=2 * values / n,
+                        cache_dtype=torch_dtype_name(out.cache)))
+        notes.append(f"{name}: HF cache layer 0 {shapes} (latent: kv_nope [L] as keys, k_rot [R] as values); "
+                     f"built and run in {time.perf_counter() - t0:.0f}s")
+        del hf, out
+    per_head = mha_cache_bytes_per_token(cfg)  # bf16: H x (nope + rope + v) values
+    rows.append(row(name, "per-head K+V", cache=per_head, cache_bf16=per_head, cache_dtype="bf16"))
+    notes.append(f"{name}: per-head K+V / r1jax latent = {per_head / ours:.1f}x "
+                 f"({cfg.num_attention_heads} x ({cfg.qk_head_dim} + {cfg.v_head_dim}) vs "
+                 f"{cfg.kv_lora_rank} + {cfg.qk_rope_head_dim} values a token and layer)")
+    return rows, notes
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("config", "config"), ("framework", "framework"), ("prefill", "prefill tok/s"),
+            ("b1", "decode tok/s b1"), ("b16", "decode tok/s b16"), ("cache", "cache B/tok (as run)"),
+            ("cache_bf16", "cache B/tok (bf16)")]
+
+    def cell(row, key):
+        v = row.get(key)
+        if v is None:
+            return "-"
+        if isinstance(v, str):
+            return v
+        if row.get("ratio"):
+            return f"{v:.2f}x"
+        if key == "cache":
+            return f"{v:,.0f} ({row['cache_dtype']})"
+        return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
+
+    body = [[cell(r, k) for k, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, (_, h) in enumerate(cols)]
+
+    def line(xs):
+        return "  ".join(x.ljust(wd) if i < 2 else x.rjust(wd) for i, (x, wd) in enumerate(zip(xs, widths)))
+
+    return "\n".join([line([h for _, h in cols]), line(["-" * wd for wd in widths])] + [line(b) for b in body])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["tiny-moe"], help="names under configs/model/")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
+    ap.add_argument("--prefill-len", type=int, default=128)
+    ap.add_argument("--max-len", type=int, default=512, help="r1jax cache row length")
+    ap.add_argument("--skip-hf", action="store_true", help="r1jax only")
+    ap.add_argument("--skip-mtp", action="store_true", help="no MTP speculative row")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "config"],
+                    help="r1jax compute dtype (default float32, as HF runs; `config`: the yaml's)")
+    ap.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch intra-op threads (default: the CPUs this process may use; "
+                         "`taskset -c 0 ...` runs both frameworks on one core)")
+    args = ap.parse_args()
+    if not args.skip_hf:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    print(f"{jax.device_count()} x {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
+          f"CPUs usable, load average {os.getloadavg()[0]:.1f}; "
+          f"decode after a {DECODE_PROMPT}-token prompt, {args.steps} steps; "
+          f"prefill {PREFILL_ROWS} x {args.prefill_len}")
+    rows, notes = [], []
+    for name in args.configs:
+        r, n = bench_config(name, args)
+        rows += r
+        notes += n
+        print("\n".join(n), flush=True)
+    r, n = v3_attention_rows(args.skip_hf)
+    rows += r
+    print("\n".join(n))
+    print()
+    print(table(rows))
+    if any(r.get("ratio") for r in rows):
+        print("r1jax vs HF rows: throughput ratios r1jax over HF (> 1: r1jax faster); cache columns HF over r1jax "
+              "(> 1: r1jax's cache smaller)")
 
 
 if __name__ == "__main__":
