@@ -112,16 +112,18 @@ def _ragged_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
 def _blocked_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
     """xs [M, D] sorted by expert -> [M, D]: each expert's rows padded to whole blocks of b rows,
     every block one dense [b, D] x [D, F] matmul with its expert's weights (gathered per block).
-    Static shapes: at most ceil(M / b) + E blocks."""
+    Static shapes: at most ceil(M / b) + min(E, M) blocks (only non-empty experts add a partial
+    block). About one block per expert: each block copies its expert's weights, and those copies,
+    not the padding, dominate on CPU (small-moe 1x128 step 10.8 -> 6.7 s against 4 blocks each)."""
     m, d = xs.shape
     e = w_gate.shape[0]
-    b = int(min(128, max(8, 2 ** int(math.log2(max(m // (4 * e), 1))))))
+    b = int(min(128, max(32, 2 ** int(math.log2(max(m // e, 1))))))
     sizes = jnp.bincount(sorted_experts, length=e)
     starts = jnp.cumsum(sizes) - sizes
     padded = (sizes + b - 1) // b * b
     padded_ends = jnp.cumsum(padded)
     dest = padded_ends[sorted_experts] - padded[sorted_experts] + jnp.arange(m) - starts[sorted_experts]
-    blocks = -(-m // b) + e
+    blocks = -(-m // b) + min(e, m)
     block_expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(blocks) * b, side="right"), e - 1)
     xb = jnp.zeros((blocks * b, d), xs.dtype).at[dest].set(xs).reshape(blocks, b, d)
     h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, w_gate[block_expert]))

@@ -335,3 +335,21 @@ def test_routing_bias_is_not_a_param():
     # One per MoE layer (stacked [L_moe, E]) and one in the MTP block.
     shapes = sorted(tuple(v.shape) for _, v in biases)
     assert shapes == sorted([(1, E), (E,)]), shapes
+
+
+@pytest.mark.parametrize("m,e", [(3, 16), (100, 16), (37, 4)])
+def test_blocked_cpu_experts_equal_per_row_numpy(m, e):
+    """The CPU expert kernel (rows padded into per-expert blocks) against a per-row NumPy SwiGLU,
+    including fewer rows than experts (the decode case, where the block count is capped)."""
+    from r1jax.model.moe import _blocked_swiglu  # noqa: PLC0415
+
+    rng = np.random.default_rng(m)
+    d, f = 8, 6
+    xs = rng.standard_normal((m, d)).astype(np.float32)
+    experts = np.sort(rng.integers(0, e, m)).astype(np.int32)
+    wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32)
+    wd = rng.standard_normal((e, f, d)).astype(np.float32)
+    got = jax.jit(_blocked_swiglu)(xs, experts, wg, wu, wd)
+    gate = np.einsum("md,mdf->mf", xs, wg[experts])
+    want = np.einsum("mf,mfd->md", gate / (1 + np.exp(-gate)) * np.einsum("md,mdf->mf", xs, wu[experts]), wd[experts])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
