@@ -272,6 +272,17 @@ def slot_keys(seeds, sample_index, token_index) -> jax.Array:
 
 def sample_tokens(logits, temperature, top_k, top_p, keys) -> tuple[jax.Array, jax.Array]:
     """logits [B,V] f32 and per-row params -> (tokens [B] int32, log-probs [B] f32)."""
+    # A batch of greedy rows needs no sort over the vocabulary (about 20% of a CPU decode step).
+    return jax.lax.cond(jnp.all(temperature <= 0), _greedy_tokens, _sampled_tokens,
+                        logits, temperature, top_k, top_p, keys)
+
+
+def _greedy_tokens(logits, temperature, top_k, top_p, keys):
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
+
+
+def _sampled_tokens(logits, temperature, top_k, top_p, keys):
     b, v = logits.shape
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
