@@ -11,8 +11,9 @@ from r1jax.sampling.engine import Completion
 from r1jax.train.grpo import GrpoTrainer
 
 OVERRIDES = ("mode=grpo", "model.num_hidden_layers=2", "model.vocab_size=512", "data.vocab_size=512",
-             "data.builtin_docs=200", "data.max_difficulty=1", "seq_len=128", "grpo.num_generations=4",
-             "grpo.prompts_per_step=4", "grpo.max_completion_length=16", "grpo.eval_prompts=4", "optim.eps=1e-6")
+             "data.builtin_docs=200", "data.max_difficulty=1", "data.tasks=[arithmetic,countdown,linear]",
+             "grpo.dynamic_sampling=false", "grpo.rewards={accuracy: 1.0, format: 0.2}", "seq_len=128",
+             "grpo.num_generations=4", "grpo.prompts_per_step=4", "grpo.max_completion_length=16", "grpo.eval_prompts=4", "optim.eps=1e-6")
 
 
 def _trainer(tmp_path, *extra):

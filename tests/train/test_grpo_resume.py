@@ -10,8 +10,9 @@ from r1jax.train.grpo import GrpoTrainer
 from r1jax.train.metrics import read_jsonl
 
 OVERRIDES = ("mode=grpo", "model.num_hidden_layers=2", "model.vocab_size=512", "data.vocab_size=512",
-             "data.builtin_docs=200", "data.max_difficulty=1", "seq_len=128", "grpo.num_generations=4",
-             "grpo.prompts_per_step=2", "grpo.max_completion_length=12", "grpo.eval_prompts=0",
+             "data.builtin_docs=200", "data.max_difficulty=1", "data.tasks=[arithmetic,countdown,linear]",
+             "grpo.dynamic_sampling=false", "grpo.rewards={accuracy: 1.0, format: 0.2}", "seq_len=128",
+             "grpo.num_generations=4", "grpo.prompts_per_step=2", "grpo.max_completion_length=12", "grpo.eval_prompts=0",
              "grpo.beta=0.04", "grpo.ref_reset_every=0", "grpo.mu=2", "grpo.num_minibatches=2",
              "optim.learning_rate=1e-2", "optim.eps=1e-6", "steps=3", "checkpoint.every=1", "checkpoint.keep=3",
              "init_from=null", "mesh.data=1")
