@@ -16,8 +16,9 @@ slower than one thread (spinning barriers), so pin with `taskset` for a like-for
 
   prefill tok/s   8 prompts x --prefill-len tokens, one call (r1jax: `engine.prefill`;
                   HF: one forward with use_cache=True, logits of the last token only)
-  decode tok/s    batch 1 and 16 after a 16-token prompt. r1jax: the compiled decode + sample
-                  step (greedy), tokens stay on device; HF: greedy `generate`, no early stop,
+  decode tok/s    batch 1 and 16 after a 16-token prompt, greedy, --steps tokens per row.
+                  r1jax: `Engine.step` (host loop included), --decode-chunk tokens per compiled
+                  call, timed after the admitting step; HF: greedy `generate`, no early stop,
                   rate = batch * steps / (time of steps + 1 new tokens - time of 1 new token)
   cache B/token   r1jax: bytes of the allocated cache arrays / (slots x max_len), bf16 (the
                   engine's default cache dtype, also for float32 models); HF: bytes of the
@@ -35,8 +36,8 @@ against the per-head layout, which is what transformers 4.x's DeepseekV3 cached.
 
 Caveats: random weights (MTP acceptance from an untrained MTP module is near zero, so the
 speculative row, r1jax only, measures the overhead of drafting, not its gain); times exclude
-compilation / warm-up (one call each); CPU timings on a shared machine are noisy; r1jax's decode
-step attends over its whole preallocated max_len cache row (masked), HF over the tokens so far.
+compilation / warm-up (one run each); CPU timings on a shared machine are noisy; r1jax's decode
+attends over a power-of-two prefix of its cache rows (masked), HF over the tokens so far.
 """
 
 from __future__ import annotations
@@ -95,27 +96,27 @@ def prefill_prompts(cfg, batch: int, length: int) -> list[list[int]]:
     return [list(np.random.default_rng(i).integers(3, cfg.vocab_size, length)) for i in range(batch)]
 
 
-def decode_rate(w, cfg, batch: int, steps: int, max_len: int) -> float:
-    """Tokens/s of the compiled decode + sample step (greedy) with `batch` active slots."""
-    cache = cache_lib.init_cache(cfg, batch, max_len)
-    cache, _ = eng.prefill(w, cache, decode_prompts(batch), list(range(batch)))
-    args = (np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
-            np.zeros(batch, np.uint32), np.zeros(batch, np.int32), np.zeros(batch, np.int32))
-    tokens, active = jnp.zeros(batch, jnp.int32), jnp.ones(batch, bool)
+def decode_rate(w, cfg, batch: int, steps: int, max_len: int, chunk: int) -> float:
+    """Tokens/s of `Engine.step` with `batch` greedy requests decoding (host bookkeeping and the
+    per-chunk readback included): the tokens of the steps after the first (which admits the
+    requests: prefill, first token, first chunk) over their time."""
+    engine = eng.Engine(w, slots=batch, max_len=max_len, decode_chunk=chunk)
+    sampling = eng.SamplingParams(temperature=0.0, max_tokens=1 + chunk + steps)
 
-    def step(c, t):
-        return eng._decode_and_sample(w.graphdef, eng.Placement(), w.params, w.extra, c, t, active, *args)
+    def run() -> float:
+        for i, p in enumerate(decode_prompts(batch)):
+            engine.add_request(i, p, sampling)
+        engine.step()
+        start, tokens = time.perf_counter(), 0
+        while engine.has_work():
+            tokens += len(engine.step())
+        elapsed = time.perf_counter() - start
+        for i in range(batch):
+            engine.pop_result(i)
+        return tokens / elapsed
 
-    cache, tokens, _ = step(cache, tokens)  # compile
-    jax.block_until_ready(tokens)
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        for _ in range(steps):
-            cache, tokens, _ = step(cache, tokens)  # tokens stay on device: no host sync in the loop
-        jax.block_until_ready(tokens)
-        best = min(best, time.perf_counter() - start)
-    return batch * steps / best
+    run()  # compile (every attention bucket the run reaches)
+    return max(run() for _ in range(REPEATS))
 
 
 def prefill_rate(w, cfg, batch: int, length: int, max_len: int) -> tuple[float, np.ndarray]:
@@ -267,7 +268,7 @@ def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
     pf, pf_logits = prefill_rate(w, cfg, PREFILL_ROWS, args.prefill_len, args.max_len)
     ours = row(name, "r1jax", prefill=pf, cache=cache_bpt, cache_bf16=cache_bpt, cache_dtype="bf16")
     for b in BATCHES:
-        ours[f"b{b}"] = decode_rate(w, cfg, b, args.steps, args.max_len)
+        ours[f"b{b}"] = decode_rate(w, cfg, b, args.steps, args.max_len, args.decode_chunk)
     rows = [ours]
     notes.append(f"  r1jax done in {time.perf_counter() - t0:.0f}s")
 
@@ -370,6 +371,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=512, help="r1jax cache row length")
+    ap.add_argument("--decode-chunk", type=int, default=8, help="r1jax tokens per compiled decode call")
     ap.add_argument("--skip-hf", action="store_true", help="r1jax only")
     ap.add_argument("--skip-mtp", action="store_true", help="no MTP speculative row")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "config"],

@@ -5,7 +5,7 @@
     engine = Engine(model, slots=16, max_len=4096, tokenizer=tok)    # a server thread drives this
     engine.add_request("r1", prompt_ids, SamplingParams(...), on_token=callback)
     while engine.has_work():
-        engine.step()            # admits waiting requests, then one token for every active slot
+        engine.step()            # admits waiting requests, then up to decode_chunk tokens for every active slot
 
 Letters: B slots (batch rows), T new tokens per row, S cache length, D width, H heads, N nope dim,
 R rope dim, L kv_lora rank, V value head dim / vocab (by context), G kv heads, J query heads per
@@ -14,8 +14,15 @@ kv head, K head dim.
 How it runs (gpt-fast style): the cache (`r1jax.sampling.cache`) is static, the compiled
 functions write it in place (donated), and only three functions are compiled: `prefill` (once
 per (rows, length) bucket: prompts are right-padded to a power of two, longer ones run in
-chunks of `prefill_chunk`), the hot decode + sample step (once), and a row copy (once). The
-host reads back one [B] vector of tokens and one of log-probs per step, nothing else.
+chunks of `prefill_chunk`), the hot decode loop, and a row copy (once). The decode loop runs
+up to `decode_chunk` decode + sample steps on device per call (a `while_loop`; a row stops on a
+stop token, max_tokens or a full cache row, the loop as soon as every row has), attending over
+a power-of-two prefix of the cache rows that holds the chunk (compiled once per such bucket, and
+per power of two of stop ids). The host reads back [B, decode_chunk] tokens and log-probs and a
+[B] count per call, nothing else, emits the chunk's events, checks stop strings (a request that
+hits one mid-chunk drops the rest), and admits new requests between calls. Per layer the
+decode reads the cache prefix and writes its new entry once for all layers after the layer
+scan; 16-bit caches are written as their uint16 bits (see `_bits`).
 
 MLA decode is "absorbed" (spec §2): W_kvb's key half folds into the query
 (q_lat = q_nope · W_kb, [B,H,L]), attention scores are q_lat · c_kv + q_rope · k_rope over the
@@ -33,8 +40,11 @@ the model's own log-prob of the argmax token (temperature 1, no truncation).
 `n` samples of one prompt (and any identical prompts admitted together) are prefilled once:
 the cache rows are copied to the other slots, then each samples its own continuation.
 
+On a single CPU device, decode runs the routed experts of its few tokens through every expert
+as batched matmuls (`_small_batch_experts`): cheaper there than the sorted, blocked kernel.
+
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
-slot), no pipelining of host bookkeeping with the next device step.
+slot), no pipelining of host bookkeeping with the next device call.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ from r1jax.config import ModelConfig
 from r1jax.model.decoder import Decoder
 from r1jax.model.layers import attend
 from r1jax.model.mla import MLA
-from r1jax.model.moe import MoE, use_expert_fn
+from r1jax.model.moe import MoE, dropless_experts, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes, constrain
 from r1jax.sampling.cache import Cache, cache_shardings, init_cache
@@ -227,13 +237,18 @@ def _attention(attn, h, positions, arrays: dict, i, rows, absorbed: bool):
     return gqa_cached(attn, q, k, v, mask), arrays
 
 
-def block_cached(block, x, positions, arrays, i, rows, absorbed: bool):
-    """`Block.__call__` with the attention reading and writing layer i of a stack's cache."""
-    a, arrays = _attention(block.attn, block.input_norm(x), positions, arrays, i, rows, absorbed)
+def _ffn_residual(block, x, a):
+    """The rest of `Block.__call__` after the attention output a [B,T,D]."""
     x = x + a
     h = block.post_attn_norm(x)
     y = block.ffn(h)[0] if isinstance(block.ffn, MoE) else block.ffn(h)
-    return constrain(x + y, ("batch", "length", "embed")), arrays
+    return constrain(x + y, ("batch", "length", "embed"))
+
+
+def block_cached(block, x, positions, arrays, i, rows, absorbed: bool):
+    """`Block.__call__` with the attention reading and writing layer i of a stack's cache."""
+    a, arrays = _attention(block.attn, block.input_norm(x), positions, arrays, i, rows, absorbed)
+    return _ffn_residual(block, x, a), arrays
 
 
 def _scan_stack(blocks, arrays, x, positions, rows, absorbed):
@@ -259,6 +274,109 @@ def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows=None, a
         if blocks is not None:
             x, stacks[name] = _scan_stack(blocks, stacks[name], x, positions, rows, absorbed)
     return x, stacks
+
+
+# ----------------------------------------------------------------------------- decode forward
+# One query token per slot. The layer scan only reads the cache (a static prefix of `s` entries
+# per row); each layer's new entry comes out of the scan and is written for all layers at once
+# afterwards, so no cache array is carried (and copied) through the scan.
+
+
+def _bits(a: jax.Array) -> jax.Array:
+    """A 16-bit float array as its uint16 bits (others unchanged). XLA:CPU scatters into a bf16
+    array by converting the whole array to f32 and back (a 2 MB cache: ~0.5 ms per write);
+    into uint16 it writes in place."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _unbits(a: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+
+
+def _with_new_entry(cached, new, positions):
+    """cached [B,S,...] (cache dtype), new [B,1,...] -> [B,S,...] in new's dtype with entry
+    positions[b] replaced by new (rounded through the cache dtype, as a cache read would be)."""
+    hit = jnp.arange(cached.shape[1])[None] == positions[:, None]
+    hit = hit.reshape(hit.shape + (1,) * (cached.ndim - 2))
+    return jnp.where(hit, new.astype(cached.dtype), cached).astype(new.dtype)
+
+
+def _decode_attention(attn, h, positions, layer: dict, absorbed: bool):
+    """h [B,1,D] at positions [B] over one layer's cache {name: [B,S,...]} -> (out [B,1,D],
+    new entries {name: [B,1,...]})."""
+    s = next(iter(layer.values())).shape[1]
+    pos = positions[:, None]
+    mask = _mask(pos, s)
+    if isinstance(attn, MLA):
+        q_nope, q_rope = attn.queries(h, pos)
+        new = dict(zip(("c_kv", "k_rope"), attn.latent(h, pos)))
+        c, kr = (_with_new_entry(layer[k], new[k], positions) for k in ("c_kv", "k_rope"))
+        return (mla_absorbed if absorbed else mla_naive)(attn, q_nope, q_rope, c, kr, mask), new
+    new = dict(zip(("k", "v"), attn.project_kv(h, pos)))
+    k, v = (_with_new_entry(layer[n], new[n], positions) for n in ("k", "v"))
+    return gqa_cached(attn, attn.query(h, pos), k, v, mask), new
+
+
+def _decode_stack(blocks, layers: dict, x, positions, absorbed: bool):
+    """x [B,1,D] through a scanned stack reading its cache prefix {name: [Y,B,S,...]} -> (x,
+    new entries {name: [Y,B,1,...]})."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, xs):
+        layer_state, layer = xs
+        block = nnx.merge(graphdef, layer_state)
+        a, new = _decode_attention(block.attn, block.input_norm(x), positions, layer, absorbed)
+        return _ffn_residual(block, x, a), new
+
+    return jax.lax.scan(body, x, (state, layers))
+
+
+def decode_forward(model: Decoder, stacks: dict, tokens, positions, s: int, dtype, absorbed: bool = True):
+    """tokens [B] at positions [B] (every slot), attending over cache entries [:s] (static; must
+    exceed every active position) -> (hidden before the final norm [B,D], stacks with the new
+    entries written; positions >= max_len are dropped). The stacks' arrays hold `dtype` values,
+    16-bit ones as their uint16 bits (`_bits`)."""
+    stacks = dict(stacks)
+    x = model.embed_tokens(tokens[:, None])
+    rows = jnp.arange(tokens.shape[0])
+    for name, blocks in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if blocks is not None:
+            prefix = {k: _unbits(a[:, :, :s], dtype) for k, a in stacks[name].items()}
+            x, new = _decode_stack(blocks, prefix, x, positions, absorbed)
+            stacks[name] = {k: a.at[:, rows, positions].set(_bits(new[k][:, :, 0].astype(dtype)), mode="drop")
+                            for k, a in stacks[name].items()}
+    return x[:, 0], stacks
+
+
+def _last_logits(model: Decoder, x) -> jax.Array:
+    """hidden [B,D] -> logits [B,V] f32."""
+    return model.head(model.norm(x[:, None]))[:, 0]
+
+
+def _small_batch_experts(x, routing, w_gate, w_up, w_down):
+    """`dropless_experts` for a few tokens on CPU: every token through every expert as one
+    batched matmul per projection (no sort, no per-block weight copies), then each token's K
+    outputs picked and weighted. Falls back to `dropless_experts` once that computes fewer rows."""
+    n, k = routing.experts.shape
+    e = w_gate.shape[0]
+    if n * e > n * k + 32 * min(e, n * k):  # about the blocked kernel's padded rows
+        return dropless_experts(x, routing, w_gate, w_up, w_down)
+    xe = jnp.broadcast_to(x, (e,) + x.shape)
+    h = jax.nn.silu(jnp.einsum("END,EDF->ENF", xe, w_gate)) * jnp.einsum("END,EDF->ENF", xe, w_up)
+    y = jnp.einsum("ENF,EFD->END", h, w_down)
+    picked = y[routing.experts, jnp.arange(n)[:, None]]  # [N,K,D]
+    return jnp.einsum("NKD,NK->ND", picked, routing.weights.astype(y.dtype)), {}
+
+
+@contextlib.contextmanager
+def _decode_placement(placement: Placement):
+    """`placement.active()`, plus the small-batch expert kernel on a single CPU device."""
+    with placement.active():
+        if placement.mesh is None and jax.default_backend() == "cpu":
+            with use_expert_fn(_small_batch_experts):
+                yield
+        else:
+            yield
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -327,26 +445,60 @@ def _prefill_chunk(graphdef, placement: Placement, params, extra, cache: Cache, 
 
 
 def _decode_logits(graphdef, placement, absorbed, params, extra, cache: Cache, tokens, active):
-    with placement.active():
+    with _decode_placement(placement):
         model = nnx.merge(graphdef, params, extra)
-        positions = cache.lengths[:, None]
-        x, stacks = forward_cached(model, cache.stacks, tokens[:, None], positions, None, absorbed)
-        logits = model.head(model.norm(x))[:, 0]
+        dtype = _cache_dtype(cache)
+        bits = jax.tree.map(_bits, cache.stacks)
+        x, bits = decode_forward(model, bits, tokens, cache.lengths, cache.max_len, dtype, absorbed)
+        stacks = jax.tree.map(lambda a: _unbits(a, dtype), bits)
         cache = placement.constrain_cache(Cache(stacks, cache.lengths + active.astype(jnp.int32)), model.cfg)
-    return cache, logits, x[:, 0]
+    return cache, _last_logits(model, x), x
+
+
+def _cache_dtype(cache: Cache):
+    return next(iter(next(iter(cache.stacks.values())).values())).dtype
 
 
 _decode_logits_jit = jax.jit(_decode_logits, static_argnums=(0, 1, 2), donate_argnames=("cache",))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
-def _decode_and_sample(graphdef, placement, params, extra, cache: Cache, tokens, active, temperature, top_k, top_p,
-                       seeds, sample_index, token_index):
-    """The hot step: one token for every slot, sampled on device."""
-    cache, logits, _ = _decode_logits(graphdef, placement, True, params, extra, cache, tokens, active)
-    keys = slot_keys(seeds, sample_index, token_index)
-    new, logprobs = sample_tokens(logits, temperature, top_k, top_p, keys)
-    return cache, new, logprobs
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
+def _decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, cache: Cache, tokens,
+                  active, temperature, top_k, top_p, seeds, sample_index, token_index, max_tokens, stop_ids):
+    """The hot loop: up to `steps` decode + sample steps on device, attending over cache entries
+    [:bucket]. tokens [B] (each slot's last token), active [B], the sampling params [B],
+    token_index [B] (tokens the request has), max_tokens [B], stop_ids [B,Z] (-1: padding).
+    A row stops after a stop token, its max_tokens-th token or when its cache row is full
+    (the loop ends early once all have) -> (cache, tokens [B,steps], logprobs [B,steps],
+    count [B]: the valid leading entries of each row)."""
+    b = tokens.shape[0]
+    dtype = _cache_dtype(cache)
+    with _decode_placement(placement):
+        model = nnx.merge(graphdef, params, extra)
+
+        def body(carry):
+            j, cache, last, tidx, done, out_t, out_lp = carry
+            run = ~done
+            x, stacks = decode_forward(model, cache.stacks, last, cache.lengths, bucket, dtype)
+            lengths = cache.lengths + run.astype(jnp.int32)
+            cache = placement.constrain_cache(Cache(stacks, lengths), model.cfg)
+            keys = slot_keys(seeds, sample_index, tidx)
+            new, lp = sample_tokens(_last_logits(model, x), temperature, top_k, top_p, keys)
+            tidx = tidx + run.astype(jnp.int32)
+            stop = jnp.any(new[:, None] == stop_ids, axis=1) | (tidx >= max_tokens) | (lengths >= cache.max_len)
+            out_t = out_t.at[:, j].set(jnp.where(run, new, 0))
+            out_lp = out_lp.at[:, j].set(jnp.where(run, lp, 0.0))
+            return j + 1, cache, jnp.where(run, new, last), tidx, done | (run & stop), out_t, out_lp
+
+        def cond(carry):
+            return (carry[0] < steps) & ~jnp.all(carry[4])
+
+        cache = Cache(jax.tree.map(_bits, cache.stacks), cache.lengths)  # written in place through the loop
+        init = (jnp.int32(0), cache, tokens, token_index, ~active, jnp.zeros((b, steps), jnp.int32),
+                jnp.zeros((b, steps), jnp.float32))
+        _, cache, _, tidx, _, out_t, out_lp = jax.lax.while_loop(cond, body, init)
+        cache = Cache(jax.tree.map(lambda a: _unbits(a, dtype), cache.stacks), cache.lengths)
+    return cache, out_t, out_lp, tidx - token_index
 
 
 @jax.jit
@@ -435,17 +587,20 @@ class _Request:
 
 class Engine:
     """Continuous batching over `slots` fixed cache rows. `step()` admits waiting requests into
-    free slots (prefill, first token), then decodes one token for every active slot; a finished
+    free slots (prefill, first token), then decodes up to `decode_chunk` tokens for every active
+    slot in one compiled call (smaller: events stream sooner, new requests wait less); a finished
     or aborted request frees its slot for the next step. Not thread-safe: one thread drives it."""
 
     def __init__(self, model_or_state, *, slots: int = 8, max_len: int = 1024, tokenizer=None,
                  cache_dtype=jnp.bfloat16, mesh: Mesh | None = None, rules: dict[str, MeshAxes] | None = None,
-                 capacity_factor: float | None = None, prefill_chunk: int = 256, min_bucket: int = 16):
+                 capacity_factor: float | None = None, prefill_chunk: int = 256, min_bucket: int = 16,
+                 decode_chunk: int = 8):
         w = Weights.of(model_or_state)
         self.cfg = w.cfg
         self.tokenizer = tokenizer
         self.slots, self.max_len = slots, max_len
         self.prefill_chunk, self.min_bucket = prefill_chunk, min_bucket
+        self.decode_chunk = decode_chunk  # tokens per compiled decode call (streaming: events come in chunks)
         self.min_rows = 1
         self.cache_shardings = None
         if mesh is not None:
@@ -559,8 +714,8 @@ class Engine:
         return [r.slot for r in admitted]
 
     def step(self) -> list[Event]:
-        """Admits what fits, then one decode step for every active slot. Returns the events
-        (also passed to each request's `on_token`)."""
+        """Admits what fits, then up to decode_chunk tokens for every active slot. Returns the
+        events (also passed to each request's `on_token`)."""
         events: list[Event] = []
         admitted = self._admit()
         if admitted:
@@ -569,19 +724,40 @@ class Engine:
             for s in admitted:
                 self._emit(s, int(tokens[s]), float(logprobs[s]), events)
         if self.running:
-            slots = sorted(self.running)
-            active = np.zeros((self.slots,), bool)
-            active[slots] = True
-            w = self.weights
-            self.cache, tokens, logprobs = _decode_and_sample(
-                w.graphdef, self.placement, w.params, w.extra, self.cache, self.last_token, active,
-                *self._slot_arrays(slots))
-            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-            self.decode_steps += 1
-            for s in slots:
-                self.lengths[s] += 1
-                self._emit(s, int(tokens[s]), float(logprobs[s]), events)
+            self._decode(events)
         return events
+
+    def _stop_arrays(self, slots: Sequence[int]):
+        """(max_tokens [B], stop_ids [B,Z] padded with -1; Z a power of two: few compiles)."""
+        z = _pow2(max(len(self.running[s].sampling.stop_token_ids) for s in slots))
+        max_tokens, stop_ids = np.zeros(self.slots, np.int32), np.full((self.slots, z), -1, np.int32)
+        for s in slots:
+            sp = self.running[s].sampling
+            max_tokens[s] = sp.max_tokens
+            stop_ids[s, : len(sp.stop_token_ids)] = sp.stop_token_ids
+        return max_tokens, stop_ids
+
+    def _decode(self, events: list[Event]) -> None:
+        """One compiled call of up to decode_chunk tokens for every running slot, then their events.
+        A request the host finishes early (a stop string) drops the rest of its chunk."""
+        slots = sorted(self.running)
+        active = np.zeros((self.slots,), bool)
+        active[slots] = True
+        # Attend over a power-of-two prefix of the cache rows that holds every position of the chunk.
+        bucket = min(self.max_len, _pow2(int(self.lengths[slots].max()) + self.decode_chunk, 64))
+        w = self.weights
+        self.cache, tokens, logprobs, counts = _decode_chunk(
+            w.graphdef, self.placement, self.decode_chunk, bucket, w.params, w.extra, self.cache, self.last_token,
+            active, *self._slot_arrays(slots), *self._stop_arrays(slots))
+        tokens, logprobs, counts = np.asarray(tokens), np.asarray(logprobs), np.asarray(counts)
+        self.decode_steps += int(counts.max())
+        for s in slots:
+            req = self.running[s]
+            for j in range(counts[s]):
+                if self.running.get(s) is not req:  # finished (or aborted by a callback) earlier in the chunk
+                    break
+                self.lengths[s] += 1
+                self._emit(s, int(tokens[s, j]), float(logprobs[s, j]), events)
 
     def _emit(self, slot: int, token: int, logprob: float, events: list[Event]) -> None:
         req = self.running[slot]

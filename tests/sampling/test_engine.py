@@ -195,3 +195,30 @@ def test_sharded_sampling_equals_single_device(batch8, shape):
         want = (greedy if rid[0] == "g" else sampled)[rid]
         assert c.token_ids == want.token_ids, rid
         np.testing.assert_allclose(c.logprobs, want.logprobs, atol=1e-4)
+
+
+def test_decode_chunk_does_not_change_tokens():
+    """decode_chunk=8 (tokens, stops and lengths decided on device) against decode_chunk=1 (one
+    token per compiled call, every stop decided on the host): identical tokens (log-probs to
+    float rounding) for a mixed batch with stop tokens hit mid-chunk, different max_tokens, a full cache row, and
+    more requests than slots (admitted between chunks)."""
+    model = tiny_moe()
+    ps = prompts(model.cfg, MIXED + (58,), seed=7)
+    free = _run(model, [("free", ps[0], replace(GREEDY, max_tokens=20), 0)])["free"].token_ids
+    sampled = replace(SAMPLED, max_tokens=20)
+    reqs = [(("g", 0), ps[0], replace(GREEDY, max_tokens=20, stop_token_ids=(free[5], free[13])), 0),
+            (("g", 1), ps[1], replace(GREEDY, max_tokens=3), 0),
+            (("g", 2), ps[2], replace(GREEDY, max_tokens=17), 0),
+            (("g", 3), ps[8], GREEDY, 0)]  # 58-token prompt: stops on the full cache row
+    reqs += [(("s", i), p, replace(sampled, seed=i, max_tokens=5 + 3 * i, stop_token_ids=(free[i],)), i % 2)
+             for i, p in enumerate(ps[3:8])]
+    one = _run(model, reqs, slots=4, decode_chunk=1)
+    eight = _run(model, reqs, slots=4, decode_chunk=8)
+    assert one[("g", 0)].finish_reason == "stop" and len(one[("g", 0)].token_ids) == 6
+    assert one[("g", 1)].token_ids and len(one[("g", 1)].token_ids) == 3
+    assert one[("g", 3)].finish_reason == "length" and len(one[("g", 3)].token_ids) == 64 - 58 + 1
+    for rid, c in one.items():
+        assert eight[rid].token_ids == c.token_ids, rid
+        assert eight[rid].finish_reason == c.finish_reason, rid
+        # same tokens; log-probs to float rounding (XLA fuses a 1-trip loop differently)
+        np.testing.assert_allclose(eight[rid].logprobs, c.logprobs, atol=1e-5, err_msg=str(rid))
