@@ -50,7 +50,7 @@ DEFAULTS = {"tiny-moe": (8, 128, 10), "small-moe": (1, 128, 3)}
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 
 
-def run_config(name: str, batch: int, seq: int, mtp: bool) -> config_lib.Config:
+def run_config(name: str, batch: int, seq: int, mtp: bool, extra: tuple[str, ...] = ()) -> config_lib.Config:
     model = f"configs/model/{name}.yaml" if not name.endswith(".yaml") else name
     overrides = [f"batch_size={batch}", f"seq_len={seq}", "mesh.data=1", "mesh.expert=1", "mesh.model=1",
                  "model.dtype=float32", "model.param_dtype=float32", "model.remat=none",
@@ -58,7 +58,7 @@ def run_config(name: str, batch: int, seq: int, mtp: bool) -> config_lib.Config:
                  f"optim.weight_decay={WEIGHT_DECAY}", f"optim.grad_clip={CLIP}"]
     if not mtp:
         overrides.append("model.num_nextn_predict_layers=0")
-    return config_lib.load(model, *overrides)
+    return config_lib.load(model, *overrides, *extra)
 
 
 def hf_config(m: ModelConfig):
@@ -242,6 +242,8 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true", help="r1jax only")
     p.add_argument("--mtp", action="store_true", help="keep r1jax's MTP module (HF has none: not like for like)")
     p.add_argument("--breakdown", action="store_true", help="also time forward, backward and optimizer")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="r1jax config overrides, e.g. model.scan_unroll=1 (the default: each config's own)")
     args = p.parse_args()
 
     peak = measure_peak_flops()
@@ -254,7 +256,7 @@ def main() -> None:
     for name in args.configs:
         b, t, n = DEFAULTS.get(name, (8, 128, 5))
         b, t, n = args.batch or b, args.seq or t, args.steps or n
-        cfg = run_config(name, b, t, args.mtp)
+        cfg = run_config(name, b, t, args.mtp, tuple(args.set))
         flops_tok = train_flops_per_token(cfg.model, t)
         print(f"[{name}] B={b} T={t}: r1jax ...", flush=True)
         res, batch_np, weights = bench_r1jax(cfg, args.warmup, n, args.breakdown, want_hf_weights=not args.skip_hf)

@@ -105,6 +105,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "save_dots"] = "none"
+    # Layers per iteration of the layer scan (`lax.scan(unroll=)`); >= the stack's depth compiles
+    # straight-line code (no while loop, no stacked residual buffers) at the price of compile time
+    # growing with depth. Keep 1 for deep models; on the tiny CPU config it was within noise.
+    scan_unroll: int = 1
 
     @property
     def is_mla(self) -> bool:
@@ -137,6 +141,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1, got {self.scan_unroll}")
         _require(self.num_attention_heads % self.kv_heads == 0, "num_attention_heads",
                  f"{self.num_attention_heads} heads are not divisible by num_key_value_heads={self.kv_heads}")
         if self.is_mla:

@@ -71,7 +71,7 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_blocks(blocks: Block, x, positions, segment_ids, remat: str) -> tuple[jax.Array, dict]:
+def scan_blocks(blocks: Block, x, positions, segment_ids, remat: str, unroll: int = 1) -> tuple[jax.Array, dict]:
     """Runs a stacked `Block` over its layers with `lax.scan`: one compiled body for all layers."""
     graphdef, state = nnx.split(blocks)
 
@@ -80,7 +80,7 @@ def scan_blocks(blocks: Block, x, positions, segment_ids, remat: str) -> tuple[j
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, state)
+    return jax.lax.scan(body, x, state, unroll=unroll)
 
 
 class MTPLayer(nnx.Module):
@@ -142,12 +142,12 @@ class Decoder(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         x = self.embed_tokens(input_ids)
-        remat = self.cfg.remat
+        remat, unroll = self.cfg.remat, self.cfg.scan_unroll
         if self.dense_layers is not None:
-            x, _ = scan_blocks(self.dense_layers, x, positions, segment_ids, remat)
+            x, _ = scan_blocks(self.dense_layers, x, positions, segment_ids, remat, unroll)
         loads, balance, metrics = None, jnp.zeros((), jnp.float32), {}
         if self.moe_layers is not None:
-            x, stats = scan_blocks(self.moe_layers, x, positions, segment_ids, remat)
+            x, stats = scan_blocks(self.moe_layers, x, positions, segment_ids, remat, unroll)
             loads, balance = stats.pop("loads"), stats.pop("balance_loss").sum()
             metrics = stats
         logits = self.head(self.norm(x))

@@ -215,3 +215,16 @@ def test_config_valid_override():
     assert cfg.model.hidden_size == 64 and cfg.model.num_hidden_layers == 4
     assert load_model(TINY, "hidden_size=64").hidden_size == 64
     assert load(TINY).model.hidden_size == 128
+
+
+def test_unrolled_layer_scan_equals_the_rolled_scan(tiny):
+    """scan_unroll changes the compiled program, not the function: logits and loads as rolled."""
+    import dataclasses
+
+    cfg, model = tiny
+    unrolled = nnx.clone(model)
+    unrolled.cfg = dataclasses.replace(cfg, scan_unroll=4)  # the decoder reads it when called
+    ids = _ids(cfg, 2, 8, 5)
+    a, b = _forward(model, ids), _forward(unrolled, ids)
+    chex.assert_trees_all_close((a.logits, a.mtp_logits), (b.logits, b.mtp_logits), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(a.expert_loads, b.expert_loads)
