@@ -132,6 +132,21 @@ def _blocked_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
     return yb.reshape(blocks * b, d)[dest]
 
 
+def small_batch_experts(x, routing, w_gate, w_up, w_down):
+    """`dropless_experts` for a few tokens on CPU: every token through every expert as one
+    batched matmul per projection (no sort, no per-block weight copies), then each token's K
+    outputs picked and weighted. Falls back to `dropless_experts` once that computes fewer rows."""
+    n, k = routing.experts.shape
+    e = w_gate.shape[0]
+    if n * e > n * k + 32 * min(e, n * k):  # about the blocked kernel's padded rows
+        return dropless_experts(x, routing, w_gate, w_up, w_down)
+    xe = jnp.broadcast_to(x, (e,) + x.shape)
+    h = jax.nn.silu(jnp.einsum("END,EDF->ENF", xe, w_gate)) * jnp.einsum("END,EDF->ENF", xe, w_up)
+    y = jnp.einsum("ENF,EFD->END", h, w_down)
+    picked = y[routing.experts, jnp.arange(n)[:, None]]  # [N,K,D]
+    return jnp.einsum("NKD,NK->ND", picked, routing.weights.astype(y.dtype)), {}
+
+
 ExpertFn = Callable[..., tuple[jax.Array, dict]]
 _EXPERT_FN: contextvars.ContextVar[ExpertFn] = contextvars.ContextVar("r1jax_expert_fn", default=dropless_experts)
 

@@ -41,7 +41,7 @@ the model's own log-prob of the argmax token (temperature 1, no truncation).
 the cache rows are copied to the other slots, then each samples its own continuation.
 
 On a single CPU device, decode runs the routed experts of its few tokens through every expert
-as batched matmuls (`_small_batch_experts`): cheaper there than the sorted, blocked kernel.
+as batched matmuls (`small_batch_experts`): cheaper there than the sorted, blocked kernel.
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
@@ -67,7 +67,7 @@ from r1jax.config import ModelConfig
 from r1jax.model.decoder import Decoder
 from r1jax.model.layers import attend
 from r1jax.model.mla import MLA
-from r1jax.model.moe import MoE, dropless_experts, use_expert_fn
+from r1jax.model.moe import MoE, small_batch_experts, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes, constrain
 from r1jax.sampling.cache import Cache, cache_shardings, init_cache
@@ -353,27 +353,12 @@ def _last_logits(model: Decoder, x) -> jax.Array:
     return model.head(model.norm(x[:, None]))[:, 0]
 
 
-def _small_batch_experts(x, routing, w_gate, w_up, w_down):
-    """`dropless_experts` for a few tokens on CPU: every token through every expert as one
-    batched matmul per projection (no sort, no per-block weight copies), then each token's K
-    outputs picked and weighted. Falls back to `dropless_experts` once that computes fewer rows."""
-    n, k = routing.experts.shape
-    e = w_gate.shape[0]
-    if n * e > n * k + 32 * min(e, n * k):  # about the blocked kernel's padded rows
-        return dropless_experts(x, routing, w_gate, w_up, w_down)
-    xe = jnp.broadcast_to(x, (e,) + x.shape)
-    h = jax.nn.silu(jnp.einsum("END,EDF->ENF", xe, w_gate)) * jnp.einsum("END,EDF->ENF", xe, w_up)
-    y = jnp.einsum("ENF,EFD->END", h, w_down)
-    picked = y[routing.experts, jnp.arange(n)[:, None]]  # [N,K,D]
-    return jnp.einsum("NKD,NK->ND", picked, routing.weights.astype(y.dtype)), {}
-
-
 @contextlib.contextmanager
 def _decode_placement(placement: Placement):
     """`placement.active()`, plus the small-batch expert kernel on a single CPU device."""
     with placement.active():
         if placement.mesh is None and jax.default_backend() == "cpu":
-            with use_expert_fn(_small_batch_experts):
+            with use_expert_fn(small_batch_experts):
                 yield
         else:
             yield

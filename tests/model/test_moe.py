@@ -353,3 +353,25 @@ def test_blocked_cpu_experts_equal_per_row_numpy(m, e):
     gate = np.einsum("md,mdf->mf", xs, wg[experts])
     want = np.einsum("mf,mfd->md", gate / (1 + np.exp(-gate)) * np.einsum("md,mdf->mf", xs, wu[experts]), wd[experts])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_small_batch_experts_equal_per_token_numpy(n):
+    """Decode's every-expert kernel against a per-token NumPy sum over the chosen experts."""
+    from r1jax.model.moe import small_batch_experts  # noqa: PLC0415
+
+    rng = np.random.default_rng(n)
+    d, f, e, k = 8, 6, 16, 4
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    chosen = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    weights = rng.random((n, k)).astype(np.float32)
+    wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32)
+    wd = rng.standard_normal((e, f, d)).astype(np.float32)
+    routing = Routing(jnp.asarray(weights), jnp.asarray(chosen), jnp.zeros((n, e)))
+    got, _ = jax.jit(small_batch_experts)(x, routing, wg, wu, wd)
+    want = np.zeros((n, d), np.float32)
+    for t in range(n):
+        for j, ex in enumerate(chosen[t]):
+            gate = x[t] @ wg[ex]
+            want[t] += weights[t, j] * ((gate / (1 + np.exp(-gate)) * (x[t] @ wu[ex])) @ wd[ex])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
