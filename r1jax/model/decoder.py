@@ -46,7 +46,7 @@ class Block(nnx.Module):
         x = x + self.attn(self.input_norm(x), positions, segment_ids)
         h = self.post_attn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, stats = self.ffn(h)
+            y, stats = self.ffn(h, segment_ids > 0)  # segment 0: padding
         else:
             y, stats = self.ffn(h), {}
         return constrain(x + y, ("batch", "length", "embed")), stats

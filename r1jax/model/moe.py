@@ -61,23 +61,30 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
     return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
 
 
-def expert_loads(experts: jax.Array, num_experts: int) -> jax.Array:
-    """[N, K] chosen experts -> [E] f32 token counts."""
-    return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+def expert_loads(experts: jax.Array, num_experts: int, mask: jax.Array | None = None) -> jax.Array:
+    """[N, K] chosen experts -> [E] f32 token counts; mask [N] (None: all): only real tokens count."""
+    ones = jnp.ones(experts.shape, jnp.float32) if mask is None else jnp.broadcast_to(
+        mask.astype(jnp.float32)[:, None], experts.shape)
+    return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(ones.reshape(-1))
 
 
-def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig) -> jax.Array:
+def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, mask: jax.Array | None = None) -> jax.Array:
     """alpha · mean over sequences of Σ_i f_i P_i (spec §3), f_i = E/(K T) · #{t: i in TopK(t)},
-    P_i = mean_t s_i,t / Σ_j s_j,t."""
+    P_i = mean_t s_i,t / Σ_j s_j,t. mask [N] (None: all): T and the sums run over real tokens only,
+    and rows without any are left out of the mean."""
     if cfg.aux_loss_alpha == 0.0:
         return jnp.zeros((), jnp.float32)
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     scores = routing.scores.reshape(batch, -1, e)
     t = scores.shape[1]
-    hits = jax.nn.one_hot(routing.experts.reshape(batch, t * k), e, dtype=jnp.float32).sum(1)  # [B, E]
-    f = jax.lax.stop_gradient(hits * e / (k * t))
-    p = (scores / scores.sum(-1, keepdims=True)).mean(1)  # [B, E]
-    return cfg.aux_loss_alpha * jnp.mean(jnp.sum(f * p, axis=-1))
+    real = jnp.ones((batch, t), jnp.float32) if mask is None else mask.reshape(batch, t).astype(jnp.float32)
+    count = real.sum(1, keepdims=True)  # [B, 1]
+    chosen = jax.nn.one_hot(routing.experts.reshape(batch, t, k), e, dtype=jnp.float32).sum(2)  # [B, T, E]
+    hits = jnp.einsum("BTE,BT->BE", chosen, real)
+    f = jax.lax.stop_gradient(hits * e / (k * jnp.maximum(count, 1.0)))
+    p = jnp.einsum("BTE,BT->BE", scores / scores.sum(-1, keepdims=True), real) / jnp.maximum(count, 1.0)
+    rows = (count[:, 0] > 0).astype(jnp.float32)
+    return cfg.aux_loss_alpha * jnp.sum(jnp.sum(f * p, axis=-1) * rows) / jnp.maximum(rows.sum(), 1.0)
 
 
 def routing_bias_update(bias: jax.Array, loads: jax.Array, gamma: float) -> jax.Array:
@@ -177,11 +184,15 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, f * cfg.n_shared_experts, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
-        """x [B,T,D] -> (y [B,T,D], stats: loads [E], balance_loss [], plus the dispatch's metrics)."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """x [B,T,D] -> (y [B,T,D], stats: loads [E], balance_loss [], plus the dispatch's metrics).
+        mask [B,T] (None: all): the real tokens. Padding is still computed but never counts in the
+        loads (which drive the routing-bias update) or the balance loss: GRPO batches are ~40%
+        padding, all one token at one position, all routed alike."""
         b, t, d = x.shape
         dt = self.dtype
         flat = x.reshape(b * t, d)
+        flat_mask = None if mask is None else mask.reshape(b * t)
         logits = jnp.einsum("ND,DE->NE", flat.astype(jnp.float32), self.gate[...])
         routing = route(logits, self.bias[...] if hasattr(self, "bias") else None, self.cfg)
         y, metrics = _EXPERT_FN.get()(
@@ -191,8 +202,8 @@ class MoE(nnx.Module):
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)
         stats = {
-            "loads": expert_loads(routing.experts, self.cfg.n_routed_experts),
-            "balance_loss": sequence_balance_loss(routing, b, self.cfg),
+            "loads": expert_loads(routing.experts, self.cfg.n_routed_experts, flat_mask),
+            "balance_loss": sequence_balance_loss(routing, b, self.cfg, flat_mask),
             **metrics,
         }
         return y, stats

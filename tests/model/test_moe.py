@@ -375,3 +375,22 @@ def test_small_batch_experts_equal_per_token_numpy(n):
             gate = x[t] @ wg[ex]
             want[t] += weights[t, j] * ((gate / (1 + np.exp(-gate)) * (x[t] @ wu[ex])) @ wd[ex])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_never_counts_in_loads_or_balance_loss():
+    """Rows padded with a mask: loads and balance loss equal the unpadded rows' (a NumPy count
+    over the real tokens only), outputs on the real tokens unchanged. Unmasked, padding that
+    all routes alike would skew the loads, and through them the routing-bias update."""
+    moe, w = _build(V3_CFG, seed=5)
+    x = _input(6)
+    pad = np.repeat(_input(7, (B, 1, D)), 5, axis=1)  # identical padding tokens, as in a GRPO batch
+    mask = np.concatenate([np.ones((B, T), bool), np.zeros((B, 5), bool)], axis=1)
+    padded = np.concatenate([x, pad], axis=1)
+    graphdef, state = nnx.split(moe)
+    y, stats = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m))(state, jnp.asarray(padded), jnp.asarray(mask))
+    y_ref, chosen, s = np_moe(x.reshape(-1, D).astype(np.float64), w, V3_CFG)
+    chex.assert_trees_all_close(y[:, :T], y_ref.reshape(B, T, D).astype(np.float32), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(stats["loads"], chosen.sum(0).astype(np.float32))
+    np.testing.assert_allclose(stats["balance_loss"], np_balance_loss(chosen, s, B, V3_CFG), rtol=1e-5)
+    _, unmasked = _forward(moe, padded)
+    assert not np.allclose(unmasked["loads"], stats["loads"])  # not vacuous
