@@ -375,7 +375,7 @@ def slot_keys(seeds, sample_index, token_index) -> jax.Array:
 
 def sample_tokens(logits, temperature, top_k, top_p, keys) -> tuple[jax.Array, jax.Array]:
     """logits [B,V] f32 and per-row params -> (tokens [B] int32, log-probs [B] f32)."""
-    # A batch of greedy rows needs no sort over the vocabulary (about 20% of a CPU decode step).
+    # A batch of greedy rows needs no random draw (nor the sort of top-k / top-p).
     return jax.lax.cond(jnp.all(temperature <= 0), _greedy_tokens, _sampled_tokens,
                         logits, temperature, top_k, top_p, keys)
 
@@ -386,22 +386,34 @@ def _greedy_tokens(logits, temperature, top_k, top_p, keys):
 
 
 def _sampled_tokens(logits, temperature, top_k, top_p, keys):
-    b, v = logits.shape
+    """Each row draws from softmax(logits / T) restricted to its top-k / top-p set. The draw is
+    over token ids whatever the truncation, so a row's token never depends on whether its batch
+    needed the vocabulary sort, which runs only when some row asks for top-k or top-p (a GRPO
+    rollout at T 1 does not: the sort was half of its decode time)."""
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    neg_sorted, order = jax.lax.sort_key_val(-scaled, jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v)))
-    ranked = -neg_sorted  # descending; ties keep the lower id first, as argmax does
-    rank = jnp.arange(v)[None]
-    keep = rank < jnp.where(top_k > 0, top_k, v)[:, None]
-    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the top token always stays
-    masked = jnp.where(keep, ranked, -jnp.inf)
+    truncates = ((top_k > 0) | (top_p < 1.0)) & ~greedy
+    keep = jax.lax.cond(jnp.any(truncates), _truncation_mask, lambda s, k, p: jnp.ones(s.shape, bool),
+                        scaled, top_k, top_p)
+    masked = jnp.where(keep | ~truncates[:, None], scaled, -jnp.inf)
     choice = jax.vmap(jax.random.categorical)(keys, masked)
-    choice = jnp.where(greedy, 0, choice)
-    tokens = jnp.take_along_axis(order, choice[:, None], axis=1)[:, 0]
-    sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), choice[:, None], axis=1)[:, 0]
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), choice).astype(jnp.int32)
+    sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), tokens[:, None], axis=1)[:, 0]
     model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
     return tokens, jnp.where(greedy, model_lp, sampled_lp)
+
+
+def _truncation_mask(scaled, top_k, top_p):
+    """[B,V] scaled logits -> [B,V] bool in token-id order: the row's top_k tokens (0: all), then
+    the smallest of those, by logit, whose probability reaches top_p (the top token always
+    stays). Tokens tied with the last one kept are kept too."""
+    v = scaled.shape[1]
+    ranked = -jnp.sort(-scaled, axis=-1)  # descending
+    in_k = jnp.arange(v)[None] < jnp.where(top_k > 0, top_k, v)[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
+    in_p = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    last = jnp.maximum(jnp.sum(in_k & in_p, axis=-1), 1) - 1
+    return scaled >= jnp.take_along_axis(ranked, last[:, None], axis=1)
 
 
 # ----------------------------------------------------------------------------- compiled steps

@@ -222,3 +222,43 @@ def test_decode_chunk_does_not_change_tokens():
         assert eight[rid].finish_reason == c.finish_reason, rid
         # same tokens; log-probs to float rounding (XLA fuses a 1-trip loop differently)
         np.testing.assert_allclose(eight[rid].logprobs, c.logprobs, atol=1e-5, err_msg=str(rid))
+
+
+def test_sampler_truncation_and_distribution_against_numpy():
+    """sample_tokens on fixed logits, 4000 keys a row: top-k and top-p rows draw only from the set
+    a NumPy sort gives, with log-probs of that renormalised set; an untruncated row's draws
+    follow softmax(logits / T), and are the same keys' draws whether or not other rows in its
+    batch asked for truncation (the sort runs only then)."""
+    v, n = 32, 4000
+    logits = np.random.default_rng(0).normal(0, 2, v).astype(np.float32)
+    keys = jax.random.split(jax.random.key(1), n)
+
+    def draw(temperature, top_k, top_p):
+        full = lambda x, dt: jnp.full((n,), x, dt)  # noqa: E731
+        toks, lps = eng.sample_tokens(jnp.broadcast_to(logits, (n, v)), full(temperature, jnp.float32),
+                                      full(top_k, jnp.int32), full(top_p, jnp.float32), keys)
+        return np.asarray(toks), np.asarray(lps)
+
+    order = np.argsort(-logits)
+    probs = np.exp(logits / 0.8 - (logits / 0.8).max())
+    probs /= probs.sum()
+    # top-k 3
+    toks, lps = draw(0.8, 3, 1.0)
+    assert set(toks) <= set(order[:3]) and len(set(toks)) == 3
+    p3 = probs[order[:3]] / probs[order[:3]].sum()
+    log_p3 = dict(zip(order[:3].tolist(), np.log(p3)))
+    np.testing.assert_allclose(lps, [log_p3[t] for t in toks.tolist()], rtol=1e-4)
+    # top-p 0.6: the smallest prefix of the sorted probabilities whose mass reaches 0.6
+    nucleus = order[: int(np.searchsorted(np.cumsum(probs[order]), 0.6) + 1)]
+    toks, _ = draw(0.8, 0, 0.6)
+    assert set(toks) == set(nucleus)
+    # untruncated: frequencies follow softmax(logits / T)
+    toks, lps = draw(0.8, 0, 1.0)
+    freq = np.bincount(toks, minlength=v) / n
+    assert np.abs(freq - probs).max() < 0.03
+    np.testing.assert_allclose(lps, np.log(probs[toks]), rtol=1e-4, atol=1e-5)
+    # the same keys, with every other row asking for top-k: the untruncated rows draw the same
+    mixed_k = jnp.asarray(np.where(np.arange(n) % 2 == 0, 0, 3), jnp.int32)
+    mixed, _ = eng.sample_tokens(jnp.broadcast_to(logits, (n, v)), jnp.full((n,), 0.8), mixed_k,
+                                 jnp.ones((n,)), keys)
+    np.testing.assert_array_equal(np.asarray(mixed)[::2], toks[::2])
