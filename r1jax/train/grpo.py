@@ -125,6 +125,7 @@ class Rollout:
     truncated: np.ndarray  # [N] bool
     tokens: int
     seconds: float
+    frac_zero_std: float = 0.0  # of all groups sampled, before dynamic sampling drops any
 
 
 class GrpoTrainer:
@@ -198,7 +199,7 @@ class GrpoTrainer:
         g = self.cfg.grpo
         t0 = time.perf_counter()
         kept: list[tuple] = []
-        tokens = 0
+        tokens = drawn = flat = 0
         for round_ in range(g.max_sampling_rounds if g.dynamic_sampling else 1):
             need = g.prompts_per_step - len(kept)
             prompts = [next(self.prompts) for _ in range(need if not g.dynamic_sampling else 2 * need)]
@@ -209,6 +210,8 @@ class GrpoTrainer:
                 rows = slice(i * g.num_generations, (i + 1) * g.num_generations)
                 group = (p, completions[i], texts[rows], total[rows], {k: v[rows] for k, v in per_fn.items()},
                          lengths[rows])
+                drawn += 1
+                flat += int(np.ptp(total[rows]) == 0)
                 if g.dynamic_sampling and np.ptp(total[rows]) == 0:
                     continue
                 kept.append(group)
@@ -220,7 +223,7 @@ class GrpoTrainer:
             log.warning("dynamic sampling found %d of %d informative groups", len(kept), g.prompts_per_step)
             kept = [kept[i % len(kept)] for i in range(g.prompts_per_step)]
         kept = kept[: g.prompts_per_step]
-        return self._assemble(kept, tokens, time.perf_counter() - t0)
+        return dataclasses.replace(self._assemble(kept, tokens, time.perf_counter() - t0), frac_zero_std=flat / drawn)
 
     def _assemble(self, groups, tokens: int, seconds: float) -> Rollout:
         g, t_len = self.cfg.grpo, self.cfg.seq_len
@@ -343,11 +346,9 @@ class GrpoTrainer:
                 state, metrics = self.update(state, ro, it)
                 dt = time.perf_counter() - t0
                 rollout_s, update_s, rollout_tokens = rollout_s + ro.seconds, update_s + dt, rollout_tokens + ro.tokens
-                zero_std = np.asarray(adv_lib.zero_std_groups(jnp.asarray(ro.rewards), jnp.asarray(ro.group_ids),
-                                                              num_groups=int(ro.group_ids.max()) + 1))
                 metrics.update(
                     reward=float(ro.rewards.mean()), reward_std=float(ro.rewards.std()),
-                    frac_reward_zero_std=float(zero_std.mean()),
+                    frac_reward_zero_std=ro.frac_zero_std,  # before dynamic sampling's filter
                     completion_length=float(ro.lengths.mean()), completion_length_max=int(ro.lengths.max()),
                     truncated_ratio=float(ro.truncated.mean()), rollout_s=ro.seconds, update_s=dt,
                     rollout_tokens_per_s=ro.tokens / max(ro.seconds, 1e-9),
