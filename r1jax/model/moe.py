@@ -142,10 +142,14 @@ def _blocked_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
 def small_batch_experts(x, routing, w_gate, w_up, w_down):
     """`dropless_experts` for a few tokens on CPU: every token through every expert as one
     batched matmul per projection (no sort, no per-block weight copies), then each token's K
-    outputs picked and weighted. Falls back to `dropless_experts` once that computes fewer rows."""
+    outputs picked and weighted. Falls back to `dropless_experts` once that computes fewer rows,
+    or when it would read many experts' weights that no token chose (small-moe at batch 1: all
+    32 experts' 113 MB a layer for 6 chosen), unless the weights are so small that op overhead,
+    not memory, is the cost (tiny-moe)."""
     n, k = routing.experts.shape
-    e = w_gate.shape[0]
-    if n * e > n * k + 32 * min(e, n * k):  # about the blocked kernel's padded rows
+    e, d, f = w_gate.shape
+    mostly_used = e <= 2 * min(e, n * k)
+    if n * e > n * k + 32 * min(e, n * k) or not (mostly_used or e * d * f <= 1 << 18):
         return dropless_experts(x, routing, w_gate, w_up, w_down)
     xe = jnp.broadcast_to(x, (e,) + x.shape)
     h = jax.nn.silu(jnp.einsum("END,EDF->ENF", xe, w_gate)) * jnp.einsum("END,EDF->ENF", xe, w_up)
