@@ -41,7 +41,8 @@ the model's own log-prob of the argmax token (temperature 1, no truncation).
 the cache rows are copied to the other slots, then each samples its own continuation.
 
 On a single CPU device, decode runs the routed experts of its few tokens through every expert
-as batched matmuls (`small_batch_experts`): cheaper there than the sorted, blocked kernel.
+as batched matmuls (`small_batch_experts`) when the expert weights are small or mostly chosen
+anyway, where that beats the sorted, blocked kernel; otherwise it uses the blocked kernel.
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
