@@ -167,18 +167,6 @@ class Placement:
 # ----------------------------------------------------------------------------- cached forward
 
 
-def _write_read(arr: jax.Array, i, rows: jax.Array | None, positions: jax.Array, new: jax.Array):
-    """arr [Y,B_all,S,...]: writes new [B,T,...] at (layer i, slot rows[b], positions[b,t]) (out of
-    range: dropped), then reads layer i of those slots [B,S,...] in the compute dtype."""
-    b = new.shape[0]
-    slot = (jnp.arange(b) if rows is None else rows)[:, None]
-    arr = arr.at[i, slot, positions].set(new.astype(arr.dtype), mode="drop")
-    layer = jax.lax.dynamic_index_in_dim(arr, i, 0, keepdims=False)
-    if rows is not None:
-        layer = layer[rows]
-    return arr, layer.astype(new.dtype)
-
-
 def _mask(positions: jax.Array, s: int) -> jax.Array:
     """[B,T] query positions -> [B,1,T,S]: cache entry s is visible iff s <= the query position."""
     return (jnp.arange(s)[None, None, :] <= positions[:, :, None])[:, None]
@@ -221,23 +209,6 @@ def gqa_cached(attn, q, k, v, mask) -> jax.Array:
     return attn.output(out)
 
 
-def _attention(attn, h, positions, arrays: dict, i, rows, absorbed: bool):
-    arrays = dict(arrays)
-    s = next(iter(arrays.values())).shape[2]
-    mask = _mask(positions, s)
-    if isinstance(attn, MLA):
-        q_nope, q_rope = attn.queries(h, positions)
-        c_new, kr_new = attn.latent(h, positions)
-        arrays["c_kv"], c = _write_read(arrays["c_kv"], i, rows, positions, c_new)
-        arrays["k_rope"], kr = _write_read(arrays["k_rope"], i, rows, positions, kr_new)
-        return (mla_absorbed if absorbed else mla_naive)(attn, q_nope, q_rope, c, kr, mask), arrays
-    q = attn.query(h, positions)
-    k_new, v_new = attn.project_kv(h, positions)
-    arrays["k"], k = _write_read(arrays["k"], i, rows, positions, k_new)
-    arrays["v"], v = _write_read(arrays["v"], i, rows, positions, v_new)
-    return gqa_cached(attn, q, k, v, mask), arrays
-
-
 def _ffn_residual(block, x, a):
     """The rest of `Block.__call__` after the attention output a [B,T,D]."""
     x = x + a
@@ -246,41 +217,10 @@ def _ffn_residual(block, x, a):
     return constrain(x + y, ("batch", "length", "embed"))
 
 
-def block_cached(block, x, positions, arrays, i, rows, absorbed: bool):
-    """`Block.__call__` with the attention reading and writing layer i of a stack's cache."""
-    a, arrays = _attention(block.attn, block.input_norm(x), positions, arrays, i, rows, absorbed)
-    return _ffn_residual(block, x, a), arrays
-
-
-def _scan_stack(blocks, arrays, x, positions, rows, absorbed):
-    graphdef, state = nnx.split(blocks)
-    n = next(iter(arrays.values())).shape[0]
-
-    def body(carry, xs):
-        x, arrays = carry
-        layer_state, i = xs
-        x, arrays = block_cached(nnx.merge(graphdef, layer_state), x, positions, arrays, i, rows, absorbed)
-        return (x, arrays), None
-
-    (x, arrays), _ = jax.lax.scan(body, (x, arrays), (state, jnp.arange(n)))
-    return x, arrays
-
-
-def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows=None, absorbed=True):
-    """tokens [B,T] at positions [B,T] of slots `rows` ([B]; None: all slots, B = slots) through
-    the main stacks, writing their cache entries -> (hidden before the final norm [B,T,D], stacks)."""
-    stacks = dict(stacks)
-    x = model.embed_tokens(tokens)
-    for name, blocks in (("dense", model.dense_layers), ("moe", model.moe_layers)):
-        if blocks is not None:
-            x, stacks[name] = _scan_stack(blocks, stacks[name], x, positions, rows, absorbed)
-    return x, stacks
-
-
-# ----------------------------------------------------------------------------- decode forward
-# One query token per slot. The layer scan only reads the cache (a static prefix of `s` entries
-# per row); each layer's new entry comes out of the scan and is written for all layers at once
-# afterwards, so no cache array is carried (and copied) through the scan.
+# One forward over the cache, for prefill chunks, decode steps and speculative verification.
+# The layer scan only reads the cache (a static prefix of `s` entries per row); each layer's
+# new entries come out of the scan and are written for all layers at once afterwards, so no
+# cache array is carried (and copied) through the scan.
 
 
 def _bits(a: jax.Array) -> jax.Array:
@@ -294,58 +234,84 @@ def _unbits(a: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
-def _with_new_entry(cached, new, positions):
-    """cached [B,S,...] (cache dtype), new [B,1,...] -> [B,S,...] in new's dtype with entry
-    positions[b] replaced by new (rounded through the cache dtype, as a cache read would be)."""
-    hit = jnp.arange(cached.shape[1])[None] == positions[:, None]
-    hit = hit.reshape(hit.shape + (1,) * (cached.ndim - 2))
-    return jnp.where(hit, new.astype(cached.dtype), cached).astype(new.dtype)
+def _with_new_entries(cached, new, positions):
+    """cached [B,S,...] (cache dtype), new [B,T,...] at positions [B,T] -> [B,S,...] in new's
+    dtype with those entries replaced (rounded through the cache dtype, as a cache read would
+    be; positions >= S are dropped)."""
+    rounded = new.astype(cached.dtype).astype(new.dtype)
+    if new.shape[1] == 1:  # decode: a select, no scatter
+        hit = jnp.arange(cached.shape[1])[None] == positions
+        return jnp.where(hit.reshape(hit.shape + (1,) * (cached.ndim - 2)), rounded, cached.astype(new.dtype))
+    rows = jnp.arange(new.shape[0])[:, None]
+    return cached.astype(new.dtype).at[rows, positions].set(rounded, mode="drop")
 
 
-def _decode_attention(attn, h, positions, layer: dict, absorbed: bool):
-    """h [B,1,D] at positions [B] over one layer's cache {name: [B,S,...]} -> (out [B,1,D],
-    new entries {name: [B,1,...]})."""
+def _cached_attention(attn, h, positions, layer: dict, absorbed: bool):
+    """h [B,T,D] at positions [B,T] over one layer's cache prefix {name: [B,S,...]} -> (out
+    [B,T,D], new entries {name: [B,T,...]}). Entry s is visible to a query at position p iff s <= p."""
     s = next(iter(layer.values())).shape[1]
-    pos = positions[:, None]
-    mask = _mask(pos, s)
+    mask = _mask(positions, s)
     if isinstance(attn, MLA):
-        q_nope, q_rope = attn.queries(h, pos)
-        new = dict(zip(("c_kv", "k_rope"), attn.latent(h, pos)))
-        c, kr = (_with_new_entry(layer[k], new[k], positions) for k in ("c_kv", "k_rope"))
+        q_nope, q_rope = attn.queries(h, positions)
+        new = dict(zip(("c_kv", "k_rope"), attn.latent(h, positions)))
+        c, kr = (_with_new_entries(layer[k], new[k], positions) for k in ("c_kv", "k_rope"))
         return (mla_absorbed if absorbed else mla_naive)(attn, q_nope, q_rope, c, kr, mask), new
-    new = dict(zip(("k", "v"), attn.project_kv(h, pos)))
-    k, v = (_with_new_entry(layer[n], new[n], positions) for n in ("k", "v"))
-    return gqa_cached(attn, attn.query(h, pos), k, v, mask), new
+    new = dict(zip(("k", "v"), attn.project_kv(h, positions)))
+    k, v = (_with_new_entries(layer[n], new[n], positions) for n in ("k", "v"))
+    return gqa_cached(attn, attn.query(h, positions), k, v, mask), new
 
 
-def _decode_stack(blocks, layers: dict, x, positions, absorbed: bool):
-    """x [B,1,D] through a scanned stack reading its cache prefix {name: [Y,B,S,...]} -> (x,
-    new entries {name: [Y,B,1,...]})."""
+def block_cached(block, x, positions, layer: dict, absorbed: bool):
+    """`Block.__call__` over one layer's cache prefix -> (x [B,T,D], new entries)."""
+    a, new = _cached_attention(block.attn, block.input_norm(x), positions, layer, absorbed)
+    return _ffn_residual(block, x, a), new
+
+
+def read_prefix(arrays: dict, rows, s: int, dtype) -> dict:
+    """{name: bits [Y,slots,max_len,...]} -> entries [:s] of slots rows ([B]; None: all) as
+    dtype {name: [Y,B,s,...]}. Rows >= slots (padding) read the last slot."""
+    def read(a):
+        a = a[:, :, :s] if rows is None else a[:, jnp.minimum(rows, a.shape[1] - 1), :s]
+        return _unbits(a, dtype)
+    return {k: read(a) for k, a in arrays.items()}
+
+
+def write_entries(arrays: dict, rows, positions, new: dict, dtype) -> dict:
+    """Writes new {name: [Y,B,T,...]} at (slot rows[b], positions[b,t]) of the bits arrays;
+    rows >= slots and positions >= max_len are dropped."""
+    idx = (jnp.arange(positions.shape[0]) if rows is None else rows)[:, None]
+    return {k: a.at[:, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop") for k, a in arrays.items()}
+
+
+def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool):
+    """x [B,T,D] through a scanned stack reading its cache prefix {name: [Y,B,S,...]} -> (x,
+    new entries {name: [Y,B,T,...]})."""
     graphdef, state = nnx.split(blocks)
 
     def body(x, xs):
         layer_state, layer = xs
-        block = nnx.merge(graphdef, layer_state)
-        a, new = _decode_attention(block.attn, block.input_norm(x), positions, layer, absorbed)
-        return _ffn_residual(block, x, a), new
+        return block_cached(nnx.merge(graphdef, layer_state), x, positions, layer, absorbed)
 
     return jax.lax.scan(body, x, (state, layers))
 
 
-def decode_forward(model: Decoder, stacks: dict, tokens, positions, s: int, dtype, absorbed: bool = True):
-    """tokens [B] at positions [B] (every slot), attending over cache entries [:s] (static; must
-    exceed every active position) -> (hidden before the final norm [B,D], stacks with the new
-    entries written; positions >= max_len are dropped). The stacks' arrays hold `dtype` values,
-    16-bit ones as their uint16 bits (`_bits`)."""
+def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int, dtype, absorbed: bool = True):
+    """tokens [B,T] at positions [B,T] into slots rows ([B]; None: all slots, B = slots) through
+    the main stacks, attending over cache entries [:s] (static; must exceed every position) ->
+    (hidden before the final norm [B,T,D], stacks with the new entries written). The stacks'
+    arrays hold `dtype` values, 16-bit ones as their uint16 bits (`_bits`)."""
     stacks = dict(stacks)
-    x = model.embed_tokens(tokens[:, None])
-    rows = jnp.arange(tokens.shape[0])
+    x = model.embed_tokens(tokens)
     for name, blocks in (("dense", model.dense_layers), ("moe", model.moe_layers)):
         if blocks is not None:
-            prefix = {k: _unbits(a[:, :, :s], dtype) for k, a in stacks[name].items()}
-            x, new = _decode_stack(blocks, prefix, x, positions, absorbed)
-            stacks[name] = {k: a.at[:, rows, positions].set(_bits(new[k][:, :, 0].astype(dtype)), mode="drop")
-                            for k, a in stacks[name].items()}
+            x, new = _scan_stack(blocks, read_prefix(stacks[name], rows, s, dtype), x, positions, absorbed)
+            stacks[name] = write_entries(stacks[name], rows, positions, new, dtype)
+    return x, stacks
+
+
+def decode_forward(model: Decoder, stacks: dict, tokens, positions, s: int, dtype, absorbed: bool = True):
+    """One token per slot: tokens [B] at positions [B] -> (hidden [B,D], stacks); see `forward_cached`."""
+    x, stacks = forward_cached(model, stacks, tokens[:, None], positions[:, None], None, s, dtype, absorbed)
     return x[:, 0], stacks
 
 
@@ -420,17 +386,21 @@ def _truncation_mask(scaled, top_k, top_p):
 # ----------------------------------------------------------------------------- compiled steps
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache", "logits_buf"))
-def _prefill_chunk(graphdef, placement: Placement, params, extra, cache: Cache, logits_buf, tokens, start, rows,
-                   lengths):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("cache", "logits_buf"))
+def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, cache: Cache, logits_buf, tokens,
+                   start, rows, lengths):
     """One chunk of right-padded prompts: tokens [P,T] at positions start[p] + t of slots rows
-    [P] (>= slots: padding rows, dropped). Last-token logits of rows whose prompt ends in this
-    chunk go to logits_buf [slots, V]; lengths [P] become the slots' lengths."""
+    [P] (>= slots: padding rows, dropped), attending over cache entries [:prefix] (static, >
+    start + T - 1). Last-token logits of rows whose prompt ends in this chunk go to logits_buf
+    [slots, V]; lengths [P] become the slots' lengths."""
     with placement.active():
         model = nnx.merge(graphdef, params, extra)
         t = tokens.shape[1]
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-        x, stacks = forward_cached(model, cache.stacks, tokens, positions, rows, absorbed=False)
+        dtype = _cache_dtype(cache)
+        bits = jax.tree.map(_bits, cache.stacks)
+        x, bits = forward_cached(model, bits, tokens, positions, rows, prefix, dtype, absorbed=False)
+        stacks = jax.tree.map(lambda a: _unbits(a, dtype), bits)
         idx = lengths - 1 - start
         last = jnp.take_along_axis(x, jnp.clip(idx, 0, t - 1)[:, None, None], axis=1)
         logits = model.head(model.norm(last))[:, 0]
@@ -525,7 +495,8 @@ def prefill(weights, cache: Cache, prompts: Sequence[Sequence[int]], rows: Seque
             chunk: int = 256, min_bucket: int = 16, min_rows: int = 1, placement: Placement = Placement()):
     """Writes whole prompts into the cache slots `rows` -> (cache, logits_buf [slots, V]: the
     last-token logits in those rows). One compiled call per chunk, compiled once per
-    (rows bucket, length bucket); `cache` and `logits_buf` are donated."""
+    (rows bucket, length bucket, attended prefix: a power of two); `cache` and `logits_buf`
+    are donated."""
     w = Weights.of(weights)
     slots = cache.slots
     if logits_buf is None:
@@ -544,7 +515,8 @@ def prefill(weights, cache: Cache, prompts: Sequence[Sequence[int]], rows: Seque
     lengths = np.zeros((p,), np.int32)
     lengths[: len(prompts)] = [len(x) for x in prompts]
     for s in range(0, total, t):
-        cache, logits_buf = _prefill_chunk(w.graphdef, placement, w.params, w.extra, cache, logits_buf,
+        prefix = min(_pow2(s + t), cache.max_len)
+        cache, logits_buf = _prefill_chunk(w.graphdef, placement, prefix, w.params, w.extra, cache, logits_buf,
                                            tokens[:, s: s + t], np.full((p,), s, np.int32), row_ids, lengths)
     return cache, logits_buf
 

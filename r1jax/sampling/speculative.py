@@ -33,18 +33,23 @@ from flax import nnx
 
 from r1jax.model.decoder import Decoder
 from r1jax.sampling.cache import Cache, init_cache
-from r1jax.sampling.engine import Placement, Weights, _pow2, block_cached, forward_cached
+from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _pow2, _unbits, block_cached,
+                                   forward_cached, read_prefix, write_entries)
 
 
-def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, absorbed: bool):
-    """MTP depth 1 over the cache: h_prev [B,T,D] (main hidden at positions), next_tokens [B,T]
-    (the token after each position) -> (draft logits [B,T,V], stacks)."""
+def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: int, dtype, absorbed: bool):
+    """MTP depth 1 over the cache (bits arrays, see `forward_cached`): h_prev [B,T,D] (main
+    hidden at positions), next_tokens [B,T] (the token after each position) -> (draft logits
+    [B,T,V], stacks)."""
     layer = model.mtp[0]
     joined = jnp.concatenate([layer.enorm(model.embed_tokens(next_tokens)), layer.hnorm(h_prev)], axis=-1)
     h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
     stacks = dict(stacks)
-    h, stacks["mtp"] = block_cached(layer.block, h, positions, stacks["mtp"], 0, None, absorbed)
+    cached = {k: a[0] for k, a in read_prefix(stacks["mtp"], None, s, dtype).items()}
+    h, new = block_cached(layer.block, h, positions, cached, absorbed)
+    stacks["mtp"] = write_entries(stacks["mtp"], None, positions, {k: a[None] for k, a in new.items()}, dtype)
     return model.head(layer.norm(h)), stacks
+
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
@@ -54,15 +59,17 @@ def _prefill(graphdef, placement: Placement, params, extra, cache: Cache, tokens
         model = nnx.merge(graphdef, params, extra)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x, stacks = forward_cached(model, cache.stacks, tokens, positions, None, absorbed=False)
+        dtype, s = _cache_dtype(cache), cache.max_len
+        stacks = jax.tree.map(_bits, cache.stacks)
+        x, stacks = forward_cached(model, stacks, tokens, positions, None, s, dtype, absorbed=False)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
         first = jnp.argmax(model.head(model.norm(last))[:, 0], axis=-1).astype(jnp.int32)
         nxt = jnp.roll(tokens, -1, axis=1)
         nxt = jnp.where(jnp.arange(t)[None] == (lengths - 1)[:, None], first[:, None], nxt)
-        mtp_logits, stacks = mtp_cached(model, stacks, x, nxt, positions, absorbed=False)
+        mtp_logits, stacks = mtp_cached(model, stacks, x, nxt, positions, s, dtype, absorbed=False)
         draft_logits = jnp.take_along_axis(mtp_logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
         draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
-    return Cache(stacks, lengths), first, draft
+    return Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths), first, draft
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
@@ -71,14 +78,16 @@ def _step(graphdef, placement: Placement, params, extra, cache: Cache, last, dra
     with placement.active():
         model = nnx.merge(graphdef, params, extra)
         positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
-        x, stacks = forward_cached(model, cache.stacks, jnp.stack([last, draft], 1), positions, None, absorbed=True)
+        dtype, s = _cache_dtype(cache), cache.max_len
+        stacks = jax.tree.map(_bits, cache.stacks)
+        x, stacks = forward_cached(model, stacks, jnp.stack([last, draft], 1), positions, None, s, dtype, absorbed=True)
         y = jnp.argmax(model.head(model.norm(x)), axis=-1).astype(jnp.int32)  # [B, 2]
         accepted = y[:, 0] == draft
-        mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, absorbed=True)
+        mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, s, dtype, absorbed=True)
         drafts = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
         new_draft = jnp.where(accepted, drafts[:, 1], drafts[:, 0])
         new_last = jnp.where(accepted, y[:, 1], y[:, 0])
-        cache = Cache(stacks, cache.lengths + 1 + accepted.astype(jnp.int32))
+        cache = Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), cache.lengths + 1 + accepted.astype(jnp.int32))
     return cache, y, accepted, new_last, new_draft
 
 

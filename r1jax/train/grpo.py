@@ -42,6 +42,7 @@ from r1jax.train.step import TrainStep, guard_nonfinite, load_metrics, update_ro
 log = logging.getLogger(__name__)
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask", "advantages", "old_logp",
                 "ref_logp")
+LENGTH_BUCKET = 32  # rollout batches are padded to a multiple of this, not to seq_len
 CURVES = ("reward", "accuracy", "completion_length", "eval_pass@1", "eval_greedy_accuracy", "kl", "entropy",
           "frac_reward_zero_std")
 
@@ -226,8 +227,12 @@ class GrpoTrainer:
         return dataclasses.replace(self._assemble(kept, tokens, time.perf_counter() - t0), frac_zero_std=flat / drawn)
 
     def _assemble(self, groups, tokens: int, seconds: float) -> Rollout:
-        g, t_len = self.cfg.grpo, self.cfg.seq_len
+        """T is the longest prompt + completion rounded up to a multiple of LENGTH_BUCKET (at
+        most seq_len): the update never computes the padding past it, and compiles once per bucket."""
+        g = self.cfg.grpo
         n = len(groups) * g.num_generations
+        longest = max(len(p["prompt_ids"]) + len(c.token_ids) - 1 for p, cs, *_ in groups for c in cs)
+        t_len = min(self.cfg.seq_len, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
         batch = {k: np.zeros((n, t_len), np.float32 if k in ("completion_mask", "advantages", "old_logp", "ref_logp")
                              else np.int32) for k in ROLLOUT_KEYS}
         prompts, texts, rewards, lengths, truncated = [], [], [], [], []

@@ -1,6 +1,8 @@
 """The GRPO loop's pieces: sharded update equals one device, beta 0 keeps no reference,
 dynamic sampling keeps only informative groups. Rollouts are scripted (no engine) to stay fast."""
 
+import dataclasses
+
 import chex
 import jax
 import numpy as np
@@ -61,6 +63,18 @@ def test_beta_zero_holds_no_reference_and_compiles_no_reference_pass(single):
     trainer._maybe_reset_reference(None, 0)
     assert trainer.reference is None
     assert not hasattr(trainer.step_fn, "_logprobs")  # no old-policy or reference forward compiled
+
+
+def test_rollout_padded_to_a_length_bucket_updates_as_if_padded_to_seq_len(single):
+    trainer, host_state, rollout, expected, _ = single
+    longest = max(len(p["prompt_ids"]) + n - 1 for p, n in zip(rollout.prompts, rollout.lengths))
+    t = rollout.batch["inputs"].shape[1]
+    assert t % 32 == 0 and longest <= t < longest + 32 and t < trainer.cfg.seq_len
+    pad = trainer.cfg.seq_len - t
+    full = dataclasses.replace(rollout, batch={k: np.pad(v, ((0, 0), (0, pad)), mode="edge" if k == "advantages" else "constant")
+                                               for k, v in rollout.batch.items()})
+    state, _ = trainer.update(trainer.step_fn.place(host_state), full, 0)
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, state.params), expected.params, rtol=1e-5, atol=1e-6)
 
 
 def test_advantages_are_per_group_and_zero_for_equal_rewards(single):
