@@ -58,12 +58,10 @@ def main(argv: list[str]) -> None:
     from r1jax.checkpoint import load_params
 
     target = (trainer.step_fn.abstract.params, trainer.step_fn.abstract.extra)
-    rows = []
-    for name, path in (("base (pretrained)", pre.run_dir), ("cold-start SFT", sft.run_dir)):
-        params, extra_state = load_params(path, target)
-        rows.append((name, trainer.evaluate(trainer.step_fn.place(
-            trainer.step_fn.init(0).replace(params=params, extra=extra_state)))))
-    rows.append(("GRPO", result["final_eval"]))
+    params, extra_state = load_params(pre.run_dir, target)
+    base = trainer.evaluate(trainer.step_fn.place(trainer.step_fn.init(0).replace(params=params, extra=extra_state)))
+    # GRPO evaluated its starting point, the SFT checkpoint, before its first step.
+    rows = [("base (pretrained)", base), ("cold-start SFT", result["first_eval"]), ("GRPO", result["final_eval"])]
     k = grpo.grpo.eval_samples
     n = len(prompt_records(grpo, trainer.tokenizer, "eval"))
     print(f"\n== held-out built-in tasks ({n} prompts, pass@1 over k={k} samples at T 0.6, top-p 0.95)")

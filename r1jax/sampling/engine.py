@@ -283,7 +283,7 @@ def write_entries(arrays: dict, rows, positions, new: dict, dtype) -> dict:
     return {k: a.at[:, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop") for k, a in arrays.items()}
 
 
-def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool):
+def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool, unroll: int = 1):
     """x [B,T,D] through a scanned stack reading its cache prefix {name: [Y,B,S,...]} -> (x,
     new entries {name: [Y,B,T,...]})."""
     graphdef, state = nnx.split(blocks)
@@ -292,7 +292,7 @@ def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool):
         layer_state, layer = xs
         return block_cached(nnx.merge(graphdef, layer_state), x, positions, layer, absorbed)
 
-    return jax.lax.scan(body, x, (state, layers))
+    return jax.lax.scan(body, x, (state, layers), unroll=unroll)
 
 
 def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int, dtype, absorbed: bool = True):
@@ -304,7 +304,8 @@ def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int
     x = model.embed_tokens(tokens)
     for name, blocks in (("dense", model.dense_layers), ("moe", model.moe_layers)):
         if blocks is not None:
-            x, new = _scan_stack(blocks, read_prefix(stacks[name], rows, s, dtype), x, positions, absorbed)
+            x, new = _scan_stack(blocks, read_prefix(stacks[name], rows, s, dtype), x, positions, absorbed,
+                                 model.cfg.scan_unroll)
             stacks[name] = write_entries(stacks[name], rows, positions, new, dtype)
     return x, stacks
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from r1jax.train.step import TrainStep, guard_nonfinite, load_metrics, update_ro
 log = logging.getLogger(__name__)
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask", "advantages", "old_logp",
                 "ref_logp")
-LENGTH_BUCKET = 32  # rollout batches are padded to a multiple of this, not to seq_len
+LENGTH_BUCKET = 16  # rollout batches are padded to a multiple of this, not to seq_len (XLA:CPU: 144 is 25% faster than 160)
 CURVES = ("reward", "accuracy", "completion_length", "eval_pass@1", "eval_greedy_accuracy", "kl", "entropy",
           "frac_reward_zero_std")
 
@@ -203,7 +204,7 @@ class GrpoTrainer:
         tokens = drawn = flat = 0
         for round_ in range(g.max_sampling_rounds if g.dynamic_sampling else 1):
             need = g.prompts_per_step - len(kept)
-            prompts = [next(self.prompts) for _ in range(need if not g.dynamic_sampling else 2 * need)]
+            prompts = [next(self.prompts) for _ in range(math.ceil(need * g.oversample) if g.dynamic_sampling else need)]
             completions = self._sample(state, prompts, seed=self.cfg.seed * 1_000_003 + iteration * 101 + round_)
             texts, total, per_fn, lengths = self._score(prompts, completions)
             tokens += int(lengths.sum())

@@ -69,7 +69,7 @@ def test_rollout_padded_to_a_length_bucket_updates_as_if_padded_to_seq_len(singl
     trainer, host_state, rollout, expected, _ = single
     longest = max(len(p["prompt_ids"]) + n - 1 for p, n in zip(rollout.prompts, rollout.lengths))
     t = rollout.batch["inputs"].shape[1]
-    assert t % 32 == 0 and longest <= t < longest + 32 and t < trainer.cfg.seq_len
+    assert t % 16 == 0 and longest <= t < longest + 16 and t < trainer.cfg.seq_len
     pad = trainer.cfg.seq_len - t
     full = dataclasses.replace(rollout, batch={k: np.pad(v, ((0, 0), (0, pad)), mode="edge" if k == "advantages" else "constant")
                                                for k, v in rollout.batch.items()})
