@@ -58,10 +58,15 @@ def main(argv: list[str]) -> None:
     from r1jax.checkpoint import load_params
 
     target = (trainer.step_fn.abstract.params, trainer.step_fn.abstract.extra)
-    params, extra_state = load_params(pre.run_dir, target)
-    base = trainer.evaluate(trainer.step_fn.place(trainer.step_fn.init(0).replace(params=params, extra=extra_state)))
-    # GRPO evaluated its starting point, the SFT checkpoint, before its first step.
-    rows = [("base (pretrained)", base), ("cold-start SFT", result["first_eval"]), ("GRPO", result["final_eval"])]
+
+    def evaluate(path):
+        params, extra_state = load_params(path, target)
+        return trainer.evaluate(trainer.step_fn.place(trainer.step_fn.init(0).replace(params=params, extra=extra_state)))
+
+    # A fresh GRPO run evaluated its starting point, the SFT checkpoint, before its first step;
+    # a resumed one did not.
+    sft_eval = result["first_eval"] or evaluate(sft.run_dir)
+    rows = [("base (pretrained)", evaluate(pre.run_dir)), ("cold-start SFT", sft_eval), ("GRPO", result["final_eval"])]
     k = grpo.grpo.eval_samples
     n = len(prompt_records(grpo, trainer.tokenizer, "eval"))
     print(f"\n== held-out built-in tasks ({n} prompts, pass@1 over k={k} samples at T 0.6, top-p 0.95)")
