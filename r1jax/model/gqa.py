@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import RotaryEmbedding, attend, attention_mask, dtypes, normal, param, zeros
+from r1jax.model.layers import RotaryEmbedding, causal_attend, dtypes, normal, param, zeros
 from r1jax.parallel.rules import constrain
 
 
@@ -59,4 +59,4 @@ class GQA(nnx.Module):
         k, v = self.project_kv(x, positions)
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)  # head h uses kv head h // groups
-        return self.output(attend(q, k, v, attention_mask(segment_ids), self.scale))
+        return self.output(causal_attend(q, k, v, segment_ids, self.scale))

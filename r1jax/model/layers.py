@@ -162,6 +162,29 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same)[:, None]
 
 
+def causal_blocks(t: int) -> int:
+    """Query blocks `causal_attend` splits a length-t sequence into: the largest divisor of t
+    up to min(8, t // 32) (blocks of at least 32 queries; 1 below 64)."""
+    return max(n for n in range(1, max(1, min(8, t // 32)) + 1) if t % n == 0)
+
+
+def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float) -> jax.Array:
+    """Self-attention, causal within segments: q [B,T,H,K], k [B,T,H,K], v [B,T,H,V],
+    segment_ids [B,T] -> [B,T,H,V]. Query block i of n attends keys [0, (i+1)T/n) only, so the
+    logits, softmax and their gradients cover (n+1)/2n of the T x T square (T 144, n 4: 62%)
+    instead of computing the upper triangle and masking it away."""
+    t = q.shape[1]
+    n = causal_blocks(t)
+    c = t // n
+    outs = []
+    for i in range(n):
+        end = (i + 1) * c
+        causal = (i * c + jnp.arange(c))[:, None] >= jnp.arange(end)[None, :]
+        same = segment_ids[:, i * c: end, None] == segment_ids[:, None, :end]
+        outs.append(attend(q[:, i * c: end], k[:, :end], v[:, :end], (causal[None] & same)[:, None], scale))
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Softmax attention. q [B,T,H,K], k [B,S,H,K], v [B,S,H,V], mask [B,1,T,S] -> [B,T,H,V].
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import RMSNorm, RotaryEmbedding, attend, attention_mask, dtypes, normal, param, softmax_scale
+from r1jax.model.layers import RMSNorm, RotaryEmbedding, causal_attend, dtypes, normal, param, softmax_scale
 from r1jax.parallel.rules import constrain
 
 
@@ -75,5 +75,5 @@ class MLA(nnx.Module):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = constrain(k, ("batch", "length", "heads", "head_dim"))
         v = constrain(v, ("batch", "length", "heads", "head_dim"))
-        out = attend(q, k, v, attention_mask(segment_ids), self.scale)
+        out = causal_attend(q, k, v, segment_ids, self.scale)
         return jnp.einsum("BTHV,HVD->BTD", out, self.wo[...].astype(dt))

@@ -170,3 +170,25 @@ def test_packed_segments_match_separate_runs():
     x3 = x.copy()
     x3[:, :3] += 1.0
     chex.assert_trees_all_close(np.asarray(_call(mla, x3, pos, seg))[:, 3:], packed[:, 3:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [40, 100, 144])
+def test_causal_attend_equals_numpy_masked_softmax(t):
+    """Block-causal attention (query block i attends keys up to its end) against the full T x T
+    masked softmax in NumPy, with two packed segments; 40 / 100 / 144 run 1 / 2 / 4 blocks."""
+    from r1jax.model.layers import causal_attend, causal_blocks  # noqa: PLC0415
+
+    rng = np.random.default_rng(t)
+    b, h, kd, vd = 2, 3, 5, 4
+    q, k = rng.standard_normal((2, b, t, h, kd)).astype(np.float32)
+    v = rng.standard_normal((b, t, h, vd)).astype(np.float32)
+    seg = np.ones((b, t), np.int32)
+    seg[1, t // 3:] = 2
+    got = jax.jit(causal_attend, static_argnums=4)(q, k, v, seg, 0.3)
+    logits = np.einsum("bthk,bshk->bhts", q, k) * 0.3
+    mask = np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    logits = np.where(mask[:, None], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhts,bshv->bthv", p / p.sum(-1, keepdims=True), v)
+    assert causal_blocks(t) == {40: 1, 100: 2, 144: 4}[t]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

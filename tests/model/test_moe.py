@@ -337,22 +337,43 @@ def test_routing_bias_is_not_a_param():
     assert shapes == sorted([(1, E), (E,)]), shapes
 
 
-@pytest.mark.parametrize("m,e", [(3, 16), (100, 16), (37, 4)])
-def test_blocked_cpu_experts_equal_per_row_numpy(m, e):
-    """The CPU expert kernel (rows padded into per-expert blocks) against a per-row NumPy SwiGLU,
-    including fewer rows than experts (the decode case, where the block count is capped)."""
-    from r1jax.model.moe import _blocked_swiglu  # noqa: PLC0415
+def _per_pair_experts(x, chosen, weights, wg, wu, wd):
+    """Reference: every (token, expert) pair with that expert's own weights, gathered per pair."""
+    gate = jnp.einsum("nd,nkdf->nkf", x, wg[chosen])
+    h = jax.nn.silu(gate) * jnp.einsum("nd,nkdf->nkf", x, wu[chosen])
+    return jnp.einsum("nk,nkd->nd", weights, jnp.einsum("nkf,nkfd->nkd", h, wd[chosen]))
 
-    rng = np.random.default_rng(m)
+
+@pytest.mark.parametrize("n,e,k", [(1, 16, 4), (25, 16, 4), (37, 4, 2), (3000, 4, 2)])
+def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
+    """The CPU expert kernel (pairs scattered into per-expert blocks) against a per-token NumPy
+    SwiGLU sum, from fewer pairs than experts (decode) to several 128-row blocks per expert;
+    gradients (x, routing weights, all three expert weights) against the per-pair jnp formula."""
+    from r1jax.model.moe import _blocked_experts, block_rows  # noqa: PLC0415
+
+    rng = np.random.default_rng(n)
     d, f = 8, 6
-    xs = rng.standard_normal((m, d)).astype(np.float32)
-    experts = np.sort(rng.integers(0, e, m)).astype(np.int32)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    chosen = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    weights = rng.random((n, k)).astype(np.float32)
     wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32)
     wd = rng.standard_normal((e, f, d)).astype(np.float32)
-    got = jax.jit(_blocked_swiglu)(xs, experts, wg, wu, wd)
-    gate = np.einsum("md,mdf->mf", xs, wg[experts])
-    want = np.einsum("mf,mfd->md", gate / (1 + np.exp(-gate)) * np.einsum("md,mdf->mf", xs, wu[experts]), wd[experts])
+
+    def blocked(x, weights, wg, wu, wd):
+        return _blocked_experts(x, Routing(weights, jnp.asarray(chosen), None), wg, wu, wd)
+
+    got = jax.jit(blocked)(x, weights, wg, wu, wd)
+    gate = np.einsum("nd,nkdf->nkf", x, wg[chosen])
+    h = gate / (1 + np.exp(-gate)) * np.einsum("nd,nkdf->nkf", x, wu[chosen])
+    want = np.einsum("nk,nkd->nd", weights, np.einsum("nkf,nkfd->nkd", h, wd[chosen]))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    if n == 3000:
+        assert block_rows(n * k, e) == 128  # several full blocks per expert, not one
+    ct = rng.standard_normal((n, d)).astype(np.float32)
+    args = (x, weights, wg, wu, wd)
+    grads = jax.grad(lambda *a: jnp.sum(blocked(*a) * ct), argnums=range(5))(*args)
+    ref = jax.grad(lambda *a: jnp.sum(_per_pair_experts(a[0], chosen, *a[1:]) * ct), argnums=range(5))(*args)
+    chex.assert_trees_all_close(grads, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("n", [1, 4])
