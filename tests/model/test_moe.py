@@ -368,7 +368,7 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     want = np.einsum("nk,nkd->nd", weights, np.einsum("nkf,nkfd->nkd", h, wd[chosen]))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     if n == 3000:
-        assert block_rows(n * k, e) == 128  # several full blocks per expert, not one
+        assert block_rows(n * k, e) * 4 <= n * k / e  # several full blocks per expert, not one
     ct = rng.standard_normal((n, d)).astype(np.float32)
     args = (x, weights, wg, wu, wd)
     grads = jax.grad(lambda *a: jnp.sum(blocked(*a) * ct), argnums=range(5))(*args)
