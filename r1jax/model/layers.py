@@ -154,14 +154,6 @@ class RotaryEmbedding:
 # ----------------------------------------------------------------------------- attention
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, T] segment ids -> [B, 1, T, T] boolean: causal and within one segment."""
-    t = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
-
-
 def causal_blocks(t: int) -> int:
     """Query blocks `causal_attend` splits a length-t sequence into: the largest divisor of t
     up to min(8, t // 32) (blocks of at least 32 queries; 1 below 64)."""
