@@ -376,10 +376,12 @@ def _inverse_cdf_draw(keys, probs):
     """[B] keys, probs [B,V] -> [B] token ids: the first id whose cumulative probability exceeds
     one uniform draw a row. Exact categorical sampling from one random number a row, where
     `jax.random.categorical` draws V Gumbels (a fifth of tiny-moe's decode step on CPU).
-    Zero-probability ids are never chosen: their cumulative sum equals their predecessor's."""
+    Zero-probability ids are never chosen: their cumulative sum equals their predecessor's, and a
+    draw that rounds up to the total is clamped to the last id with probability."""
     cdf = jnp.cumsum(probs, axis=-1)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
-    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), probs.shape[1] - 1)
+    last = probs.shape[1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), last)
 
 
 def _truncation_mask(scaled, top_k, top_p):
