@@ -72,8 +72,11 @@ class GrpoStep(TrainStep):
 
         def loss_fn(params):
             out, logp = self._policy(params, state.extra, batch)
+            old_logp = None
+            if off_policy:  # NaN rows: this minibatch is the first pass at the sampling policy itself
+                old_logp = jnp.where(jnp.isnan(batch["old_logp"]), jax.lax.stop_gradient(logp), batch["old_logp"])
             loss, metrics = grpo_loss(
-                logp, batch["old_logp"] if off_policy else None, batch["ref_logp"] if g.beta else None,
+                logp, old_logp, batch["ref_logp"] if g.beta else None,
                 batch["advantages"][:, 0], mask, loss_type=g.loss_type, epsilon_low=g.epsilon_low,
                 epsilon_high=g.epsilon_high, beta=g.beta, max_completion_length=g.max_completion_length,
                 global_token_count=batch["completion_mask"].sum() * g.num_minibatches,
@@ -282,9 +285,14 @@ class GrpoTrainer:
         g = self.cfg.grpo
         metrics_list = []
         minibatches = self._minibatches(rollout.batch, self.cfg.seed + iteration)
+        on_policy_first = g.mu == 1 and g.num_minibatches > 1
+        if on_policy_first:  # updated at the sampling policy: its own forward gives its old log-probs
+            minibatches[0]["old_logp"][:] = np.nan
         minibatches = [self.step_fn.place_batch(mb) for mb in minibatches]
         if g.mu > 1 or g.num_minibatches > 1:  # old policy log-probs, before any update
-            minibatches = [dict(mb, old_logp=self.step_fn.logprobs(state.params, state.extra, mb)) for mb in minibatches]
+            minibatches = [mb if i == 0 and on_policy_first else
+                           dict(mb, old_logp=self.step_fn.logprobs(state.params, state.extra, mb))
+                           for i, mb in enumerate(minibatches)]
         if g.beta:
             ref_params, ref_extra = self.reference
             minibatches = [dict(mb, ref_logp=self.step_fn.logprobs(ref_params, ref_extra, mb)) for mb in minibatches]

@@ -15,7 +15,7 @@ from r1jax.train.grpo import GrpoTrainer
 OVERRIDES = ("mode=grpo", "model.num_hidden_layers=2", "model.vocab_size=512", "data.vocab_size=512",
              "data.builtin_docs=200", "data.max_difficulty=1", "data.tasks=[arithmetic,countdown,linear]",
              "grpo.dynamic_sampling=false", "grpo.rewards={accuracy: 1.0, format: 0.2}", "seq_len=128",
-             "grpo.num_generations=4", "grpo.prompts_per_step=4", "grpo.max_completion_length=16", "grpo.eval_prompts=4", "optim.eps=1e-6")
+             "grpo.num_generations=4", "grpo.prompts_per_step=4", "grpo.max_completion_length=16", "grpo.eval_prompts=4", "grpo.num_minibatches=1", "optim.eps=1e-6")
 
 
 def _trainer(tmp_path, *extra):
@@ -108,3 +108,19 @@ def test_dynamic_sampling_never_yields_a_zero_variance_group(tmp_path, monkeypat
     groups = rollout.rewards.reshape(-1, g)
     assert len(groups) == trainer.cfg.grpo.prompts_per_step
     assert all(np.ptp(r) > 0 for r in groups)
+
+
+def test_first_minibatch_at_mu_one_takes_its_old_logprobs_from_its_own_forward(single, tmp_path):
+    """mu 1, two minibatches: update() skips the old-policy forward of the first minibatch; the
+    result equals two steps on minibatches whose old log-probs were all computed up front."""
+    _, host_state, rollout, _, _ = single
+    trainer = _trainer(tmp_path, "mesh.data=1", "grpo.num_minibatches=2")
+    got, _ = trainer.update(trainer.step_fn.place(host_state), rollout, 3)
+    state = trainer.step_fn.place(host_state)
+    minibatches = [trainer.step_fn.place_batch(mb) for mb in trainer._minibatches(rollout.batch, trainer.cfg.seed + 3)]
+    minibatches = [dict(mb, old_logp=trainer.step_fn.logprobs(state.params, state.extra, mb)) for mb in minibatches]
+    for mb in minibatches:
+        state, _ = trainer.step_fn(state, mb)
+    assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(host_state.params)[0])
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, got.params), jax.tree.map(np.asarray, state.params),
+                                rtol=1e-5, atol=1e-6)
