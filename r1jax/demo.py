@@ -36,6 +36,9 @@ def main(argv: list[str]) -> None:
     run_dir = Path(argv[0]) if argv and "=" not in argv[0] else Path("runs/demo")
     extra = [a for a in argv if "=" in a]
     t0 = time.perf_counter()
+    if run_dir.exists():  # each stage resumes its checkpoints: a finished one is only re-evaluated
+        print(f"{run_dir} exists: its stages resume from their checkpoints (to start over: make clean, or "
+              f"python -m r1jax.demo OTHER_DIR)")
     for path in (TINY, V3):
         print(path)
         print(summary(config_lib.load_model(path)))
