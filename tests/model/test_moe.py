@@ -376,9 +376,10 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     chex.assert_trees_all_close(grads, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 4, 64])
 def test_small_batch_experts_equal_per_token_numpy(n):
-    """Decode's every-expert kernel against a per-token NumPy sum over the chosen experts."""
+    """Decode's expert kernel against a per-token NumPy sum over the chosen experts: n 1 takes
+    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel."""
     from r1jax.model.moe import small_batch_experts  # noqa: PLC0415
 
     rng = np.random.default_rng(n)
