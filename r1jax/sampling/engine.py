@@ -31,9 +31,10 @@ cached latent, the output stays in latent space (probs · c_kv) until W_kvb's va
 the training form, with K/V rebuilt from the latent, which costs fewer FLOPs there; so does
 `naive_decode_step`, kept for tests.
 
-Sampling: greedy (temperature 0), temperature, top-k, top-p; each slot draws with
-key = fold_in(fold_in(key(seed), sample_index), token_index), so a request's tokens depend on
-its seed and its own logits only, never on what it is batched with. Log-probs are those of the
+Sampling: greedy (temperature 0), temperature, top-k, top-p; each slot draws one uniform from
+key = fold_in(fold_in(key(seed), sample_index), token_index) (`r1jax.sampling.rng`, bit for bit
+`jax.random`), so a request's tokens depend on its seed and its own logits only, never on what
+it is batched with. Log-probs are those of the
 distribution actually sampled from (after temperature, top-k, top-p); for greedy requests,
 the model's own log-prob of the argmax token (temperature 1, no truncation).
 
@@ -72,6 +73,7 @@ from r1jax.model.moe import MoE, small_batch_experts, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes, constrain
 from r1jax.sampling.cache import Cache, cache_shardings, init_cache
+from r1jax.sampling.rng import slot_uniforms
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -111,7 +113,7 @@ class Weights:
     graphdef: Any
     params: Any
     extra: Any
-    layers: Any = None  # {stack: (layer state, ...)} of `unstacked()`, else None (scanned stacks)
+    layers: Any = None  # {stack: ((layer state, head-major W_kvb), ...)} of `unstacked()`; None: scan
 
     @classmethod
     def of(cls, model_or_state) -> "Weights":
@@ -148,14 +150,26 @@ _STACKS = ("dense_layers", "moe_layers")
 
 
 @jax.jit
-def _unstack_states(states: dict) -> dict:
+def _unstack_states(stacks: dict) -> dict:
     return {k: tuple(jax.tree.map(lambda a, i=i: a[i], st) for i in range(jax.tree.leaves(st)[0].shape[0]))
-            for k, st in states.items()}
+            for k, st in stacks.items()}
+
+
+def _head_major(blocks) -> dict:
+    """The absorbed decode's W_kvb halves with heads leading, as its batched dots read them:
+    k [Y,H,N,L], v [Y,H,L,V] (stored [Y,L,H,N] / [Y,L,H,V]: XLA:CPU would transpose both at
+    every step, ~15% of small-moe's decode at batch 1). {} for GQA."""
+    if not isinstance(blocks.attn, MLA):
+        return {}
+    return {"k": jnp.transpose(blocks.attn.wkv_b_k[...], (0, 2, 3, 1)),
+            "v": jnp.transpose(blocks.attn.wkv_b_v[...], (0, 2, 1, 3))}
 
 
 def _unstack(graphdef, params, extra) -> dict:
+    """{stack: ((layer state, head-major W_kvb), ...)} for `Weights.layers`."""
     model = nnx.merge(graphdef, params, extra)
-    return _unstack_states({k: nnx.state(getattr(model, k)) for k in _STACKS if getattr(model, k) is not None})
+    stacks = {k: getattr(model, k) for k in _STACKS if getattr(model, k) is not None}
+    return _unstack_states({k: (nnx.state(b), _head_major(b)) for k, b in stacks.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,17 +210,23 @@ def _mask(positions: jax.Array, s: int) -> jax.Array:
     return (jnp.arange(s)[None, None, :] <= positions[:, :, None])[:, None]
 
 
-def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask) -> jax.Array:
+def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, head_major: dict | None = None) -> jax.Array:
     """Attention over the latent. q_nope [B,T,H,N], q_rope [B,T,H,R], c [B,S,L], k_rope [B,S,R],
-    mask [B,1,T,S] -> [B,T,D]."""
+    mask [B,1,T,S] -> [B,T,D]. head_major: W_kvb's halves as k [H,N,L], v [H,L,V] (`_head_major`)."""
     dt = attn.dtype
-    q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, attn.wkv_b_k[...].astype(dt))
+    if head_major:
+        q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, head_major["k"].astype(dt))
+    else:
+        q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, attn.wkv_b_k[...].astype(dt))
     logits = jnp.einsum("BTHL,BSL->BHTS", q_lat, c, preferred_element_type=jnp.float32)
     logits += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits * attn.scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out_lat = jnp.einsum("BHTS,BSL->BTHL", probs, c)
-    out = jnp.einsum("BTHL,LHV->BTHV", out_lat, attn.wkv_b_v[...].astype(dt))
+    if head_major:
+        out = jnp.einsum("BTHL,HLV->BTHV", out_lat, head_major["v"].astype(dt))
+    else:
+        out = jnp.einsum("BTHL,LHV->BTHV", out_lat, attn.wkv_b_v[...].astype(dt))
     return jnp.einsum("BTHV,HVD->BTD", out, attn.wo[...].astype(dt))
 
 
@@ -270,7 +290,7 @@ def _with_new_entries(cached, new, positions):
     return cached.astype(new.dtype).at[rows, positions].set(rounded, mode="drop")
 
 
-def _cached_attention(attn, h, positions, layer: dict, absorbed: bool):
+def _cached_attention(attn, h, positions, layer: dict, absorbed: bool, head_major: dict | None = None):
     """h [B,T,D] at positions [B,T] over one layer's cache prefix {name: [B,S,...]} -> (out
     [B,T,D], new entries {name: [B,T,...]}). Entry s is visible to a query at position p iff s <= p."""
     s = next(iter(layer.values())).shape[1]
@@ -279,15 +299,17 @@ def _cached_attention(attn, h, positions, layer: dict, absorbed: bool):
         q_nope, q_rope = attn.queries(h, positions)
         new = dict(zip(("c_kv", "k_rope"), attn.latent(h, positions)))
         c, kr = (_with_new_entries(layer[k], new[k], positions) for k in ("c_kv", "k_rope"))
-        return (mla_absorbed if absorbed else mla_naive)(attn, q_nope, q_rope, c, kr, mask), new
+        if absorbed:
+            return mla_absorbed(attn, q_nope, q_rope, c, kr, mask, head_major), new
+        return mla_naive(attn, q_nope, q_rope, c, kr, mask), new
     new = dict(zip(("k", "v"), attn.project_kv(h, positions)))
     k, v = (_with_new_entries(layer[n], new[n], positions) for n in ("k", "v"))
     return gqa_cached(attn, attn.query(h, positions), k, v, mask), new
 
 
-def block_cached(block, x, positions, layer: dict, absorbed: bool):
+def block_cached(block, x, positions, layer: dict, absorbed: bool, head_major: dict | None = None):
     """`Block.__call__` over one layer's cache prefix -> (x [B,T,D], new entries)."""
-    a, new = _cached_attention(block.attn, block.input_norm(x), positions, layer, absorbed)
+    a, new = _cached_attention(block.attn, block.input_norm(x), positions, layer, absorbed, head_major)
     return _ffn_residual(block, x, a), new
 
 
@@ -320,12 +342,13 @@ def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool, unroll: int 
 
 
 def _loop_stack(blocks, layer_states, layers: dict, x, positions, absorbed: bool):
-    """`_scan_stack` over per-layer states (`Weights.unstacked`), one block after another."""
+    """`_scan_stack` over per-layer (state, head-major W_kvb) pairs (`Weights.unstacked`), one
+    block after another."""
     graphdef = nnx.graphdef(blocks)
     news = []
-    for i, layer_state in enumerate(layer_states):
+    for i, (layer_state, head_major) in enumerate(layer_states):
         x, new = block_cached(nnx.merge(graphdef, layer_state), x, positions, {k: a[i] for k, a in layers.items()},
-                              absorbed)
+                              absorbed, head_major)
         news.append(new)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *news)
 
@@ -379,25 +402,20 @@ def _decode_placement(placement: Placement):
 # ----------------------------------------------------------------------------- sampling
 
 
-def slot_keys(seeds, sample_index, token_index) -> jax.Array:
-    """[B] key per slot: fold_in(fold_in(key(seed), sample_index), token_index)."""
-    one = lambda s, j, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), j), t)  # noqa: E731
-    return jax.vmap(one)(seeds.astype(jnp.uint32), sample_index, token_index)
-
-
-def sample_tokens(logits, temperature, top_k, top_p, keys) -> tuple[jax.Array, jax.Array]:
-    """logits [B,V] f32 and per-row params -> (tokens [B] int32, log-probs [B] f32)."""
+def sample_tokens(logits, temperature, top_k, top_p, uniforms) -> tuple[jax.Array, jax.Array]:
+    """logits [B,V] f32, per-row params and one uniform draw a row in [0, 1) (`slot_uniforms`)
+    -> (tokens [B] int32, log-probs [B] f32)."""
     # A batch of greedy rows needs no random draw (nor the sort of top-k / top-p).
     return jax.lax.cond(jnp.all(temperature <= 0), _greedy_tokens, _sampled_tokens,
-                        logits, temperature, top_k, top_p, keys)
+                        logits, temperature, top_k, top_p, uniforms)
 
 
-def _greedy_tokens(logits, temperature, top_k, top_p, keys):
+def _greedy_tokens(logits, temperature, top_k, top_p, uniforms):
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
 
 
-def _sampled_tokens(logits, temperature, top_k, top_p, keys):
+def _sampled_tokens(logits, temperature, top_k, top_p, uniforms):
     """Each row draws from softmax(logits / T) restricted to its top-k / top-p set. The draw is
     over token ids whatever the truncation, so a row's token never depends on whether its batch
     needed the vocabulary sort, which runs only when some row asks for top-k or top-p (a GRPO
@@ -409,21 +427,21 @@ def _sampled_tokens(logits, temperature, top_k, top_p, keys):
                         scaled, top_k, top_p)
     masked = jnp.where(keep | ~truncates[:, None], scaled, -jnp.inf)
     log_probs = jax.nn.log_softmax(masked, axis=-1)
-    choice = _inverse_cdf_draw(keys, jnp.exp(log_probs))
+    choice = _inverse_cdf_draw(uniforms, jnp.exp(log_probs))
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), choice).astype(jnp.int32)
     sampled_lp = jnp.take_along_axis(log_probs, tokens[:, None], axis=1)[:, 0]
     model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
     return tokens, jnp.where(greedy, model_lp, sampled_lp)
 
 
-def _inverse_cdf_draw(keys, probs):
-    """[B] keys, probs [B,V] -> [B] token ids: the first id whose cumulative probability exceeds
-    one uniform draw a row. Exact categorical sampling from one random number a row, where
+def _inverse_cdf_draw(uniforms, probs):
+    """[B] uniforms in [0, 1), probs [B,V] -> [B] token ids: the first id whose cumulative
+    probability exceeds the row's draw (scaled to the row's total). Exact categorical sampling from one random number a row, where
     `jax.random.categorical` draws V Gumbels (a fifth of tiny-moe's decode step on CPU).
     Zero-probability ids are never chosen: their cumulative sum equals their predecessor's, and a
     draw that rounds up to the total is clamped to the last id with probability."""
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
+    u = uniforms * cdf[:, -1]
     last = probs.shape[1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
     return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), last)
 
@@ -471,12 +489,12 @@ def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, l
     return cache, logits_buf
 
 
-def _decode_logits(graphdef, placement, absorbed, params, extra, cache: Cache, tokens, active):
+def _decode_logits(graphdef, placement, absorbed, params, extra, layers, cache: Cache, tokens, active):
     with _decode_placement(placement):
         model = nnx.merge(graphdef, params, extra)
         dtype = _cache_dtype(cache)
         bits = jax.tree.map(_bits, cache.stacks)
-        x, bits = decode_forward(model, bits, tokens, cache.lengths, cache.max_len, dtype, absorbed)
+        x, bits = decode_forward(model, bits, tokens, cache.lengths, cache.max_len, dtype, absorbed, layers)
         stacks = jax.tree.map(lambda a: _unbits(a, dtype), bits)
         cache = placement.constrain_cache(Cache(stacks, cache.lengths + active.astype(jnp.int32)), model.cfg)
     return cache, _last_logits(model, x), x
@@ -509,8 +527,8 @@ def _decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
             x, stacks = decode_forward(model, cache.stacks, last, cache.lengths, bucket, dtype, layer_states=layers)
             lengths = cache.lengths + run.astype(jnp.int32)
             cache = placement.constrain_cache(Cache(stacks, lengths), model.cfg)
-            keys = slot_keys(seeds, sample_index, tidx)
-            new, lp = sample_tokens(_last_logits(model, x), temperature, top_k, top_p, keys)
+            u = slot_uniforms(seeds, sample_index, tidx)
+            new, lp = sample_tokens(_last_logits(model, x), temperature, top_k, top_p, u)
             tidx = tidx + run.astype(jnp.int32)
             stop = jnp.any(new[:, None] == stop_ids, axis=1) | (tidx >= max_tokens) | (lengths >= cache.max_len)
             out_t = out_t.at[:, j].set(jnp.where(run, new, 0))
@@ -530,7 +548,7 @@ def _decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
 
 @jax.jit
 def _sample_rows(logits_buf, temperature, top_k, top_p, seeds, sample_index, token_index):
-    return sample_tokens(logits_buf, temperature, top_k, top_p, slot_keys(seeds, sample_index, token_index))
+    return sample_tokens(logits_buf, temperature, top_k, top_p, slot_uniforms(seeds, sample_index, token_index))
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "logits_buf"))
@@ -585,15 +603,15 @@ def decode_step(weights, cache: Cache, tokens, active=None, *, placement: Placem
     """Absorbed MLA (or GQA) decode of one token per slot -> (cache, logits [B,V] f32, hidden [B,D])."""
     w = Weights.of(weights)
     active = jnp.ones((cache.slots,), bool) if active is None else active
-    return _decode_logits_jit(w.graphdef, placement, True, w.params, w.extra, cache, jnp.asarray(tokens, jnp.int32),
-                              active)
+    return _decode_logits_jit(w.graphdef, placement, True, w.params, w.extra, w.layers, cache,
+                              jnp.asarray(tokens, jnp.int32), active)
 
 
 def naive_decode_step(weights, cache: Cache, tokens, active=None, *, placement: Placement = Placement()):
     """`decode_step` with per-head K/V rebuilt from the cached latent (tests only)."""
     w = Weights.of(weights)
     active = jnp.ones((cache.slots,), bool) if active is None else active
-    return _decode_logits_jit(w.graphdef, placement, False, w.params, w.extra, cache,
+    return _decode_logits_jit(w.graphdef, placement, False, w.params, w.extra, None, cache,
                               jnp.asarray(tokens, jnp.int32), active)
 
 

@@ -51,16 +51,20 @@ def test_greedy_equals_full_recompute_gqa():
     _check_against_full_forward(model, ps, [c[0] for c in out])
 
 
-def test_absorbed_decode_equals_naive():
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_absorbed_decode_equals_naive(unstacked):
+    """Absorbed decode (scanned stacks, or the engine's CPU form: per-layer arrays and head-major
+    W_kvb) against naive decode, K/V rebuilt from the latent, over the scanned stacks."""
     model = tiny_moe()
     w = eng.Weights.of(model)
+    fast = w.unstacked() if unstacked else w
     ps = prompts(model.cfg, (6, 13, 2, 9), seed=2)
     cache = cache_lib.init_cache(model.cfg, 4, 64, dtype=jnp.float32)
     cache, buf = eng.prefill(w, cache, ps, [0, 1, 2, 3])
     tokens = jnp.argmax(buf, -1)
     for _ in range(3):
         copy = jax.tree.map(jnp.copy, cache)
-        cache, logits, _ = eng.decode_step(w, cache, tokens)
+        cache, logits, _ = eng.decode_step(fast, cache, tokens)
         copy, naive, _ = eng.naive_decode_step(w, copy, tokens)
         np.testing.assert_allclose(logits, naive, atol=1e-5, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), cache, copy)
@@ -225,18 +229,18 @@ def test_decode_chunk_does_not_change_tokens():
 
 
 def test_sampler_truncation_and_distribution_against_numpy():
-    """sample_tokens on fixed logits, 4000 keys a row: top-k and top-p rows draw only from the set
+    """sample_tokens on fixed logits, 4000 draws a row: top-k and top-p rows draw only from the set
     a NumPy sort gives, with log-probs of that renormalised set; an untruncated row's draws
-    follow softmax(logits / T), and are the same keys' draws whether or not other rows in its
+    follow softmax(logits / T), and are the same uniforms' draws whether or not other rows in its
     batch asked for truncation (the sort runs only then)."""
     v, n = 32, 4000
     logits = np.random.default_rng(0).normal(0, 2, v).astype(np.float32)
-    keys = jax.random.split(jax.random.key(1), n)
+    uniforms = jax.random.uniform(jax.random.key(1), (n,))
 
     def draw(temperature, top_k, top_p):
         full = lambda x, dt: jnp.full((n,), x, dt)  # noqa: E731
         toks, lps = eng.sample_tokens(jnp.broadcast_to(logits, (n, v)), full(temperature, jnp.float32),
-                                      full(top_k, jnp.int32), full(top_p, jnp.float32), keys)
+                                      full(top_k, jnp.int32), full(top_p, jnp.float32), uniforms)
         return np.asarray(toks), np.asarray(lps)
 
     order = np.argsort(-logits)
@@ -257,8 +261,8 @@ def test_sampler_truncation_and_distribution_against_numpy():
     freq = np.bincount(toks, minlength=v) / n
     assert np.abs(freq - probs).max() < 0.03
     np.testing.assert_allclose(lps, np.log(probs[toks]), rtol=1e-4, atol=1e-5)
-    # the same keys, with every other row asking for top-k: the untruncated rows draw the same
+    # the same draws, with every other row asking for top-k: the untruncated rows draw the same
     mixed_k = jnp.asarray(np.where(np.arange(n) % 2 == 0, 0, 3), jnp.int32)
     mixed, _ = eng.sample_tokens(jnp.broadcast_to(logits, (n, v)), jnp.full((n,), 0.8), mixed_k,
-                                 jnp.ones((n,)), keys)
+                                 jnp.ones((n,)), uniforms)
     np.testing.assert_array_equal(np.asarray(mixed)[::2], toks[::2])
