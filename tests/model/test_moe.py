@@ -376,18 +376,23 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     chex.assert_trees_all_close(grads, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1, 4, 64])
-def test_small_batch_experts_equal_per_token_numpy(n):
+@pytest.mark.parametrize("n, f, same", [(1, 6, False), (4, 6, False), (64, 6, False), (8, 160, False),
+                                         (8, 160, True)])
+def test_small_batch_experts_equal_per_token_numpy(n, f, same):
     """Decode's expert kernel against a per-token NumPy sum over the chosen experts: n 1 takes
-    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel."""
+    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel;
+    experts of 8 x 160 take the bucketed buffers, with every token on the same experts (same)
+    filling the largest bucket."""
     from r1jax.model.moe import small_batch_experts  # noqa: PLC0415
 
     rng = np.random.default_rng(n)
-    d, f, e, k = 8, 6, 16, 4
+    d, e, k = (8, 16, 4) if f == 6 else (128, 16, 4)
     x = rng.standard_normal((n, d)).astype(np.float32)
     chosen = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    if same:
+        chosen[:] = chosen[0]
     weights = rng.random((n, k)).astype(np.float32)
-    wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32)
+    wg, wu = (rng.standard_normal((2, e, d, f)) * d**-0.5).astype(np.float32)
     wd = rng.standard_normal((e, f, d)).astype(np.float32)
     routing = Routing(jnp.asarray(weights), jnp.asarray(chosen), jnp.zeros((n, e)))
     got, _ = jax.jit(small_batch_experts)(x, routing, wg, wu, wd)
