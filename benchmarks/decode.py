@@ -25,6 +25,11 @@ slower than one thread (spinning barriers), so pin with `taskset` for a like-for
                   DynamicCache tensors after the prefill forward / (batch x tokens), float32 as
                   run; the "bf16" column is the same layout at 2 bytes a value (like for like)
 
+A weight-read ceiling per config bounds every decode column: batch x measured memory bandwidth
+(a jitted f32 matvec over 256 MiB) / the weight bytes a step must read (active parameters less the
+embedding table, experts as a batch is expected to choose them). "ceiling vs HF" is the largest
+speed-up over HF that this machine allows at that batch, whatever the framework.
+
 A last section compares one layer with V3's attention shapes (128 heads, q/kv ranks 1536/512,
 head dims 128/64/128; dense FFN, small vocab): r1jax's cache from `jax.eval_shape` of the
 layout (nothing allocated), HF's measured from a real forward, and the per-head K/V a cache of
@@ -55,7 +60,7 @@ from flax import nnx
 from r1jax.config import ModelConfig, load_model
 from r1jax.interop.hf import to_hf_state_dict
 from r1jax.model.decoder import Decoder
-from r1jax.model.summary import kv_cache_bytes_per_token, mha_cache_bytes_per_token
+from r1jax.model.summary import count_params, kv_cache_bytes_per_token, mha_cache_bytes_per_token
 from r1jax.sampling import cache as cache_lib
 from r1jax.sampling import engine as eng
 from r1jax.sampling.speculative import speculative_generate
@@ -129,6 +134,36 @@ def prefill_rate(w, cfg, batch: int, length: int, max_len: int) -> tuple[float, 
     cache, buf = eng.prefill(w, cache, prompts, list(range(batch)), buf, chunk=length)
     jax.block_until_ready(buf)
     return batch * length / (time.perf_counter() - start), np.asarray(buf, np.float32)
+
+
+def stream_bandwidth() -> float:
+    """GB/s of a jitted float32 matrix-vector product over 256 MiB (best of 10): about what a
+    memory-bound decode step can read."""
+    w = jnp.ones((8192, 8192), jnp.float32)
+    x = jnp.ones((1, 8192), jnp.float32)
+    f = jax.jit(lambda x, w: x @ w)
+    f(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        f(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return w.nbytes / best / 1e9
+
+
+def decode_weight_bytes(cfg, batch: int, itemsize: int = 4) -> float:
+    """Weight bytes one decode step of `batch` tokens must read: the active parameters less the
+    embedding table (a row a token) and the routed experts, plus the experts the batch is
+    expected to choose (uniform routing: E (1 - (1 - K/E)^B) of them a layer). Both frameworks
+    read these; the KV cache (short prompts here) is left out."""
+    count = count_params(cfg)
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    params = count.active - embed
+    if cfg.is_moe:
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        per_layer = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        params += cfg.num_moe_layers * per_layer * (e * (1 - (1 - k / e) ** batch) - k)
+    return params * itemsize
 
 
 def r1jax_cache_bytes_per_token(cfg, slots: int = 1, max_len: int = 64) -> int:
@@ -271,6 +306,14 @@ def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
         ours[f"b{b}"] = decode_rate(w, cfg, b, args.steps, args.max_len, args.decode_chunk)
     rows = [ours]
     notes.append(f"  r1jax done in {time.perf_counter() - t0:.0f}s")
+    bw = args.bandwidth
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    ceiling = {f"b{b}": b * bw * 1e9 / decode_weight_bytes(cfg, b, itemsize) for b in BATCHES}
+    notes.append("  weights a decode step reads: " + ", ".join(
+        f"b{b} {decode_weight_bytes(cfg, b, itemsize) / 1e6:,.0f} MB" for b in BATCHES)
+        + f"; at {bw:.1f} GB/s the memory-bound ceiling is "
+        + ", ".join(f"b{b} {ceiling[f'b{b}']:,.0f} tok/s" for b in BATCHES))
+    ceiling_row = row(name, "weight-read ceiling", **ceiling)
 
     if cfg.num_nextn_predict_layers and not args.skip_mtp:
         prompt = [list(np.random.default_rng(0).integers(3, cfg.vocab_size, DECODE_PROMPT))]
@@ -301,7 +344,11 @@ def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
                      f"{(pf_logits.argmax(-1) == hf_logits.argmax(-1)).mean():.0%} of rows)")
         rows.append(row(name, "r1jax vs HF", ratio=True, **{k: ours[k] / theirs[k] for k in ("prefill", "b1", "b16")},
                         cache=theirs["cache"] / ours["cache"], cache_bf16=theirs["cache_bf16"] / ours["cache_bf16"]))
+        rows.append(ceiling_row)
+        rows.append(row(name, "ceiling vs HF", ratio=True, **{k: ceiling[k] / theirs[k] for k in ("b1", "b16")}))
         del hf
+    else:
+        rows.append(ceiling_row)
     return rows, notes
 
 
@@ -388,6 +435,8 @@ def main():
           f"CPUs usable, load average {os.getloadavg()[0]:.1f}; "
           f"decode after a {DECODE_PROMPT}-token prompt, {args.steps} steps; "
           f"prefill {PREFILL_ROWS} x {args.prefill_len}")
+    args.bandwidth = stream_bandwidth()
+    print(f"memory bandwidth: {args.bandwidth:.1f} GB/s (jitted f32 matvec over 256 MiB, best of 10)")
     rows, notes = [], []
     for name in args.configs:
         r, n = bench_config(name, args)
@@ -402,6 +451,8 @@ def main():
     if any(r.get("ratio") for r in rows):
         print("r1jax vs HF rows: throughput ratios r1jax over HF (> 1: r1jax faster); cache columns HF over r1jax "
               "(> 1: r1jax's cache smaller)")
+        print("weight-read ceiling: batch x bandwidth / weight bytes a step reads, what no framework exceeds "
+              "while decode is memory-bound; ceiling vs HF: the most any framework could beat HF by here")
 
 
 if __name__ == "__main__":
