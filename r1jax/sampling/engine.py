@@ -41,9 +41,14 @@ the model's own log-prob of the argmax token (temperature 1, no truncation).
 `n` samples of one prompt (and any identical prompts admitted together) are prefilled once:
 the cache rows are copied to the other slots, then each samples its own continuation.
 
-On a single CPU device, decode runs the routed experts of its few tokens through every expert
-as batched matmuls (`small_batch_experts`) when the expert weights are small or mostly chosen
-anyway, where that beats the sorted, blocked kernel; otherwise it uses the blocked kernel.
+On a single CPU device the engine keeps a per-layer copy of the stacks' weights
+(`Weights.unstacked`: XLA:CPU copies whatever a dot reads from a slice of a stacked array, so a
+scanned step would copy every layer's weights first), with W_kvb's halves stored heads-first for
+the absorbed dots, and runs its layers one after another instead of scanning. Its decode runs
+the routed experts of its few tokens with `small_batch_experts` (gathered pairs, per-expert
+buckets or every expert, by size). Sampling's per-token hashes are unrolled (`rng`). Together
+(this CPU, f32, against the scanned stack): small-moe batch 1 15.9 -> 29 tokens/s, batch 16
+61 -> 116; tiny-moe batch 1 1,453 -> ~2,400, batch 16 7,944 -> ~9,600.
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
