@@ -295,24 +295,26 @@ def _with_new_entries(cached, new, positions):
     return cached.astype(new.dtype).at[rows, positions].set(rounded, mode="drop")
 
 
-def _cached_attention(attn, h, positions, layer: dict, absorbed: bool, head_major: dict | None = None):
-    """h [B,T,D] at positions [B,T] over one layer's cache prefix {name: [B,S,...]} -> (out
-    [B,T,D], new entries {name: [B,T,...]}). Entry s is visible to a query at position p iff s <= p."""
-    s = next(iter(layer.values())).shape[1]
-    mask = _mask(positions, s)
+def _cached_attention(attn, h, positions, layer, absorbed: bool, head_major: dict | None = None):
+    """h [B,T,D] at positions [B,T] over one layer's cache -> (out [B,T,D], new entries {name:
+    [B,T,...]}). layer: its cache prefix {name: [B,S,...]}, into a copy of which the new entries
+    are substituted, or a function new entries -> the prefix read back after writing them (the
+    per-layer path). Entry s is visible to a query at position p iff s <= p."""
     if isinstance(attn, MLA):
         q_nope, q_rope = attn.queries(h, positions)
         new = dict(zip(("c_kv", "k_rope"), attn.latent(h, positions)))
-        c, kr = (_with_new_entries(layer[k], new[k], positions) for k in ("c_kv", "k_rope"))
+    else:
+        new = dict(zip(("k", "v"), attn.project_kv(h, positions)))
+    seen = layer(new) if callable(layer) else {k: _with_new_entries(layer[k], new[k], positions) for k in new}
+    mask = _mask(positions, next(iter(seen.values())).shape[1])
+    if isinstance(attn, MLA):
         if absorbed:
-            return mla_absorbed(attn, q_nope, q_rope, c, kr, mask, head_major), new
-        return mla_naive(attn, q_nope, q_rope, c, kr, mask), new
-    new = dict(zip(("k", "v"), attn.project_kv(h, positions)))
-    k, v = (_with_new_entries(layer[n], new[n], positions) for n in ("k", "v"))
-    return gqa_cached(attn, attn.query(h, positions), k, v, mask), new
+            return mla_absorbed(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask, head_major), new
+        return mla_naive(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask), new
+    return gqa_cached(attn, attn.query(h, positions), seen["k"], seen["v"], mask), new
 
 
-def block_cached(block, x, positions, layer: dict, absorbed: bool, head_major: dict | None = None):
+def block_cached(block, x, positions, layer, absorbed: bool, head_major: dict | None = None):
     """`Block.__call__` over one layer's cache prefix -> (x [B,T,D], new entries)."""
     a, new = _cached_attention(block.attn, block.input_norm(x), positions, layer, absorbed, head_major)
     return _ffn_residual(block, x, a), new
@@ -346,16 +348,24 @@ def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool, unroll: int 
     return jax.lax.scan(body, x, (state, layers), unroll=unroll)
 
 
-def _loop_stack(blocks, layer_states, layers: dict, x, positions, absorbed: bool):
+def _loop_stack(blocks, layer_states, bits: dict, rows, x, positions, s: int, dtype, absorbed: bool):
     """`_scan_stack` over per-layer (state, head-major W_kvb) pairs (`Weights.unstacked`), one
-    block after another."""
+    block after another, each writing its new entries into the stack's bits arrays {name:
+    [Y,slots,max_len,...]} before it reads its prefix back -> (x, bits). Written first, the cache
+    is updated in place: when the new entries were substituted into a read copy instead, the last
+    layer's reads were not ordered before the write, and XLA copied every cache array at every
+    decode step (5 MB a step for tiny-moe at 64 slots)."""
     graphdef = nnx.graphdef(blocks)
-    news = []
+    idx = (jnp.arange(positions.shape[0]) if rows is None else rows)[:, None]
     for i, (layer_state, head_major) in enumerate(layer_states):
-        x, new = block_cached(nnx.merge(graphdef, layer_state), x, positions, {k: a[i] for k, a in layers.items()},
-                              absorbed, head_major)
-        news.append(new)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *news)
+        def write_then_read(new, i=i):
+            nonlocal bits
+            bits = {k: a.at[i, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop") for k, a in bits.items()}
+            read = lambda a: a[i, :, :s] if rows is None else a[i, jnp.minimum(rows, a.shape[1] - 1), :s]  # noqa: E731
+            return {k: _unbits(read(a), dtype).astype(new[k].dtype) for k, a in bits.items()}
+
+        x, _ = block_cached(nnx.merge(graphdef, layer_state), x, positions, write_then_read, absorbed, head_major)
+    return x, bits
 
 
 def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int, dtype, absorbed: bool = True,
@@ -371,11 +381,12 @@ def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int
         blocks = getattr(model, attr)
         if blocks is None:
             continue
-        prefix = read_prefix(stacks[name], rows, s, dtype)
         if layer_states is not None:
-            x, new = _loop_stack(blocks, layer_states[attr], prefix, x, positions, absorbed)
-        else:
-            x, new = _scan_stack(blocks, prefix, x, positions, absorbed, model.cfg.scan_unroll)
+            x, stacks[name] = _loop_stack(blocks, layer_states[attr], stacks[name], rows, x, positions, s, dtype,
+                                          absorbed)
+            continue
+        prefix = read_prefix(stacks[name], rows, s, dtype)
+        x, new = _scan_stack(blocks, prefix, x, positions, absorbed, model.cfg.scan_unroll)
         stacks[name] = write_entries(stacks[name], rows, positions, new, dtype)
     return x, stacks
 
