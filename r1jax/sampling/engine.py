@@ -35,9 +35,9 @@ the training form, with K/V rebuilt from the latent, which costs fewer FLOPs the
 Sampling: greedy (temperature 0), temperature, top-k, top-p; each slot draws one uniform from
 key = fold_in(fold_in(key(seed), sample_index), token_index) (`r1jax.sampling.rng`, bit for bit
 `jax.random`), so a request's tokens depend on its seed and its own logits only, never on what
-it is batched with. Log-probs are those of the
-distribution actually sampled from (after temperature, top-k, top-p); for greedy requests,
-the model's own log-prob of the argmax token (temperature 1, no truncation).
+it is batched with. Log-probs are those of the distribution actually sampled from (after
+temperature, top-k, top-p); for greedy requests, the model's own log-prob of the argmax token
+(temperature 1, no truncation).
 
 `n` samples of one prompt (and any identical prompts admitted together) are prefilled once:
 the cache rows are copied to the other slots, then each samples its own continuation.
@@ -49,8 +49,8 @@ the absorbed dots, and runs its layers one after another instead of scanning. It
 the routed experts of its few tokens with `small_batch_experts` (gathered pairs, per-expert
 buckets or every expert, by size), and each layer writes its new cache entries before reading
 its prefix back. Sampling's per-token hashes are unrolled (`rng`). Together (this CPU, f32,
-against the scanned stack): small-moe batch 1 15.9 -> 29 tokens/s, batch 16 61 -> ~117; tiny-moe
-batch 1 1,453 -> ~2,400, batch 16 7,944 -> ~10,700, 64 slots ~9,500 -> ~13,000.
+against the scanned stack): small-moe batch 1 15.9 -> ~30 tokens/s, batch 16 61 -> ~120;
+tiny-moe batch 1 1,453 -> ~2,700, batch 16 7,944 -> ~11,000, 64 slots ~9,500 -> ~13,000.
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
@@ -455,8 +455,9 @@ def _sampled_tokens(logits, temperature, top_k, top_p, uniforms):
 
 def _inverse_cdf_draw(uniforms, probs):
     """[B] uniforms in [0, 1), probs [B,V] -> [B] token ids: the first id whose cumulative
-    probability exceeds the row's draw (scaled to the row's total). Exact categorical sampling from one random number a row, where
-    `jax.random.categorical` draws V Gumbels (a fifth of tiny-moe's decode step on CPU).
+    probability exceeds the row's draw (scaled to the row's total). Exact categorical sampling
+    from one random number a row, where `jax.random.categorical` draws V Gumbels (a fifth of
+    tiny-moe's decode step on CPU).
     Zero-probability ids are never chosen: their cumulative sum equals their predecessor's, and a
     draw that rounds up to the total is clamped to the last id with probability."""
     cdf = jnp.cumsum(probs, axis=-1)
