@@ -20,9 +20,8 @@ stop token, max_tokens or a full cache row, the loop as soon as every row has), 
 a power-of-two prefix of the cache rows that holds the chunk (compiled once per such bucket, and
 per power of two of stop ids). The host reads back [B, decode_chunk] tokens and log-probs and a
 [B] count per call, nothing else, emits the chunk's events, checks stop strings (a request that
-hits one mid-chunk drops the rest), and admits new requests between calls. Per layer the
-decode reads the cache prefix and writes its new entry once for all layers after the layer
-scan (the single-device CPU path writes each layer's entries first and reads its prefix back);
+hits one mid-chunk drops the rest), and admits new requests between calls. Each layer
+writes its new cache entries and then reads its prefix back (in place, see `_layer_cache`);
 16-bit caches are written as their uint16 bits (see `_bits`).
 
 MLA decode is "absorbed" (spec §2): W_kvb's key half folds into the query
@@ -47,8 +46,7 @@ On a single CPU device the engine keeps a per-layer copy of the stacks' weights
 scanned step would copy every layer's weights first), with W_kvb's halves stored heads-first for
 the absorbed dots, and runs its layers one after another instead of scanning. Its decode runs
 the routed experts of its few tokens with `small_batch_experts` (gathered pairs, per-expert
-buckets or every expert, by size), and each layer writes its new cache entries before reading
-its prefix back. Sampling's per-token hashes are unrolled (`rng`). Together (this CPU, f32,
+buckets or every expert, by size). Sampling's per-token hashes are unrolled (`rng`). Together (this CPU, f32,
 against the scanned stack): small-moe batch 1 15.9 -> ~30 tokens/s, batch 16 61 -> ~120;
 tiny-moe batch 1 1,453 -> ~2,700, batch 16 7,944 -> ~11,000, 64 slots ~9,500 -> ~13,000.
 
@@ -269,10 +267,12 @@ def _ffn_residual(block, x, a):
 
 
 # One forward over the cache, for prefill chunks, decode steps and speculative verification.
-# The layer scan only reads the cache (a static prefix of `s` entries per row); each layer's
-# new entries come out of the scan and are written for all layers at once afterwards, so no
-# cache array is carried (and copied) through the scan. `_loop_stack` (per-layer arrays) writes
-# first instead.
+# Each layer writes its new entries into the cache first and then reads its prefix (a static
+# `s` entries per row) back, so every read of a cache array follows its last write and XLA
+# updates the arrays in place. Reading first and writing after the stack left the last layer's
+# reads unordered against the write whenever XLA saw the layers straight-line (unrolled scans,
+# one-layer stacks, the per-layer path), and it then copied every such cache array at every
+# decode step (5 MB a step for tiny-moe at 64 slots).
 
 
 def _bits(a: jax.Array) -> jax.Array:
@@ -286,29 +286,16 @@ def _unbits(a: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
-def _with_new_entries(cached, new, positions):
-    """cached [B,S,...] (cache dtype), new [B,T,...] at positions [B,T] -> [B,S,...] in new's
-    dtype with those entries replaced (rounded through the cache dtype, as a cache read would
-    be; positions >= S are dropped)."""
-    rounded = new.astype(cached.dtype).astype(new.dtype)
-    if new.shape[1] == 1:  # decode: a select, no scatter
-        hit = jnp.arange(cached.shape[1])[None] == positions
-        return jnp.where(hit.reshape(hit.shape + (1,) * (cached.ndim - 2)), rounded, cached.astype(new.dtype))
-    rows = jnp.arange(new.shape[0])[:, None]
-    return cached.astype(new.dtype).at[rows, positions].set(rounded, mode="drop")
-
-
-def _cached_attention(attn, h, positions, layer, absorbed: bool, head_major: dict | None = None):
+def _cached_attention(attn, h, positions, attend_over, absorbed: bool, head_major: dict | None = None):
     """h [B,T,D] at positions [B,T] over one layer's cache -> (out [B,T,D], new entries {name:
-    [B,T,...]}). layer: its cache prefix {name: [B,S,...]}, into a copy of which the new entries
-    are substituted, or a function new entries -> the prefix read back after writing them (the
-    per-layer path). Entry s is visible to a query at position p iff s <= p."""
+    [B,T,...]}). attend_over: new entries -> the layer's cache prefix {name: [B,S,...]} with them
+    written (`_layer_cache`). Entry s is visible to a query at position p iff s <= p."""
     if isinstance(attn, MLA):
         q_nope, q_rope = attn.queries(h, positions)
         new = dict(zip(("c_kv", "k_rope"), attn.latent(h, positions)))
     else:
         new = dict(zip(("k", "v"), attn.project_kv(h, positions)))
-    seen = layer(new) if callable(layer) else {k: _with_new_entries(layer[k], new[k], positions) for k in new}
+    seen = attend_over(new)
     mask = _mask(positions, next(iter(seen.values())).shape[1])
     if isinstance(attn, MLA):
         if absorbed:
@@ -317,57 +304,55 @@ def _cached_attention(attn, h, positions, layer, absorbed: bool, head_major: dic
     return gqa_cached(attn, attn.query(h, positions), seen["k"], seen["v"], mask), new
 
 
-def block_cached(block, x, positions, layer, absorbed: bool, head_major: dict | None = None):
-    """`Block.__call__` over one layer's cache prefix -> (x [B,T,D], new entries)."""
-    a, new = _cached_attention(block.attn, block.input_norm(x), positions, layer, absorbed, head_major)
+def block_cached(block, x, positions, attend_over, absorbed: bool, head_major: dict | None = None):
+    """`Block.__call__` over one layer's cache (see `_cached_attention`) -> (x [B,T,D], new entries)."""
+    a, new = _cached_attention(block.attn, block.input_norm(x), positions, attend_over, absorbed, head_major)
     return _ffn_residual(block, x, a), new
 
 
-def read_prefix(arrays: dict, rows, s: int, dtype) -> dict:
-    """{name: bits [Y,slots,max_len,...]} -> entries [:s] of slots rows ([B]; None: all) as
-    dtype {name: [Y,B,s,...]}. Rows >= slots (padding) read the last slot."""
-    def read(a):
-        a = a[:, :, :s] if rows is None else a[:, jnp.minimum(rows, a.shape[1] - 1), :s]
-        return _unbits(a, dtype)
-    return {k: read(a) for k, a in arrays.items()}
-
-
-def write_entries(arrays: dict, rows, positions, new: dict, dtype) -> dict:
-    """Writes new {name: [Y,B,T,...]} at (slot rows[b], positions[b,t]) of the bits arrays;
-    rows >= slots and positions >= max_len are dropped."""
+def _layer_cache(bits: dict, i, rows, positions, s: int, dtype):
+    """Layer i of a stack's bits arrays {name: [Y,slots,max_len,...]} -> (attend_over, written):
+    attend_over(new entries {name: [B,T,...]}) writes them at (slot rows[b], positions[b,t])
+    (rows None: all slots; rows >= slots and positions >= max_len are dropped) and returns entries
+    [:s] of those rows read back in new's dtype (rows >= slots read the last slot); written()
+    gives the updated arrays. i may be traced (the layer scan)."""
     idx = (jnp.arange(positions.shape[0]) if rows is None else rows)[:, None]
-    return {k: a.at[:, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop") for k, a in arrays.items()}
+    box = {"bits": bits}
+
+    def read(a):
+        return a[i, :, :s] if rows is None else a[i, jnp.minimum(rows, a.shape[1] - 1), :s]
+
+    def attend_over(new: dict) -> dict:
+        box["bits"] = {k: a.at[i, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop")
+                       for k, a in box["bits"].items()}
+        return {k: _unbits(read(a), dtype).astype(new[k].dtype) for k, a in box["bits"].items()}
+
+    return attend_over, lambda: box["bits"]
 
 
-def _scan_stack(blocks, layers: dict, x, positions, absorbed: bool, unroll: int = 1):
-    """x [B,T,D] through a scanned stack reading its cache prefix {name: [Y,B,S,...]} -> (x,
-    new entries {name: [Y,B,T,...]})."""
+def _scan_stack(blocks, bits: dict, rows, x, positions, s: int, dtype, absorbed: bool, unroll: int = 1):
+    """x [B,T,D] through a scanned stack that carries its bits arrays {name: [Y,slots,max_len,...]}
+    and writes each layer's new entries before reading them back (`_layer_cache`) -> (x, bits)."""
     graphdef, state = nnx.split(blocks)
 
-    def body(x, xs):
-        layer_state, layer = xs
-        return block_cached(nnx.merge(graphdef, layer_state), x, positions, layer, absorbed)
+    def body(carry, layer_state):
+        x, bits, i = carry
+        attend_over, written = _layer_cache(bits, i, rows, positions, s, dtype)
+        x, _ = block_cached(nnx.merge(graphdef, layer_state), x, positions, attend_over, absorbed)
+        return (x, written(), i + 1), None
 
-    return jax.lax.scan(body, x, (state, layers), unroll=unroll)
+    (x, bits, _), _ = jax.lax.scan(body, (x, bits, jnp.int32(0)), state, unroll=unroll)
+    return x, bits
 
 
 def _loop_stack(blocks, layer_states, bits: dict, rows, x, positions, s: int, dtype, absorbed: bool):
     """`_scan_stack` over per-layer (state, head-major W_kvb) pairs (`Weights.unstacked`), one
-    block after another, each writing its new entries into the stack's bits arrays {name:
-    [Y,slots,max_len,...]} before it reads its prefix back -> (x, bits). Written first, the cache
-    is updated in place: when the new entries were substituted into a read copy instead, the last
-    layer's reads were not ordered before the write, and XLA copied every cache array at every
-    decode step (5 MB a step for tiny-moe at 64 slots)."""
+    block after another."""
     graphdef = nnx.graphdef(blocks)
-    idx = (jnp.arange(positions.shape[0]) if rows is None else rows)[:, None]
     for i, (layer_state, head_major) in enumerate(layer_states):
-        def write_then_read(new, i=i):
-            nonlocal bits
-            bits = {k: a.at[i, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop") for k, a in bits.items()}
-            read = lambda a: a[i, :, :s] if rows is None else a[i, jnp.minimum(rows, a.shape[1] - 1), :s]  # noqa: E731
-            return {k: _unbits(read(a), dtype).astype(new[k].dtype) for k, a in bits.items()}
-
-        x, _ = block_cached(nnx.merge(graphdef, layer_state), x, positions, write_then_read, absorbed, head_major)
+        attend_over, written = _layer_cache(bits, i, rows, positions, s, dtype)
+        x, _ = block_cached(nnx.merge(graphdef, layer_state), x, positions, attend_over, absorbed, head_major)
+        bits = written()
     return x, bits
 
 
@@ -387,10 +372,9 @@ def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int
         if layer_states is not None:
             x, stacks[name] = _loop_stack(blocks, layer_states[attr], stacks[name], rows, x, positions, s, dtype,
                                           absorbed)
-            continue
-        prefix = read_prefix(stacks[name], rows, s, dtype)
-        x, new = _scan_stack(blocks, prefix, x, positions, absorbed, model.cfg.scan_unroll)
-        stacks[name] = write_entries(stacks[name], rows, positions, new, dtype)
+        else:
+            x, stacks[name] = _scan_stack(blocks, stacks[name], rows, x, positions, s, dtype, absorbed,
+                                          model.cfg.scan_unroll)
     return x, stacks
 
 

@@ -33,8 +33,8 @@ from flax import nnx
 
 from r1jax.model.decoder import Decoder
 from r1jax.sampling.cache import Cache, init_cache
-from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _pow2, _unbits, block_cached,
-                                   forward_cached, read_prefix, write_entries)
+from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _layer_cache, _pow2, _unbits,
+                                   block_cached, forward_cached)
 
 
 def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: int, dtype, absorbed: bool):
@@ -45,9 +45,9 @@ def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: 
     joined = jnp.concatenate([layer.enorm(model.embed_tokens(next_tokens)), layer.hnorm(h_prev)], axis=-1)
     h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
     stacks = dict(stacks)
-    cached = {k: a[0] for k, a in read_prefix(stacks["mtp"], None, s, dtype).items()}
-    h, new = block_cached(layer.block, h, positions, cached, absorbed)
-    stacks["mtp"] = write_entries(stacks["mtp"], None, positions, {k: a[None] for k, a in new.items()}, dtype)
+    attend_over, written = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
+    h, _ = block_cached(layer.block, h, positions, attend_over, absorbed)
+    stacks["mtp"] = written()
     return model.head(layer.norm(h)), stacks
 
 
