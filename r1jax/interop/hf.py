@@ -129,7 +129,7 @@ def attention_rules(cfg: ModelConfig) -> list[Rule]:
     d, h = cfg.hidden_size, cfg.num_attention_heads
     a = "self_attn."
     if cfg.is_mla:
-        n, r, v, l = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        n, r, v, lat = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank is None:
             rules = [linear(a + "q_proj.weight", ("attn", "wq"), (d,), (h, n + r))]
         else:
@@ -140,9 +140,9 @@ def attention_rules(cfg: ModelConfig) -> list[Rule]:
                 linear(a + "q_b_proj.weight", ("attn", "wq_b"), (q,), (h, n + r)),
             ]
         return rules + [
-            linear(a + "kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (d,), (l + r,)),
+            linear(a + "kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (d,), (lat + r,)),
             copy(a + "kv_a_layernorm.weight", ("attn", "kv_norm", "weight")),
-            kv_b(a + "kv_b_proj.weight", ("attn", "wkv_b_k"), ("attn", "wkv_b_v"), l, h, n),
+            kv_b(a + "kv_b_proj.weight", ("attn", "wkv_b_k"), ("attn", "wkv_b_v"), lat, h, n),
             linear(a + "o_proj.weight", ("attn", "wo"), (h, v), (d,)),
         ]
     g, k = cfg.kv_heads, cfg.gqa_head_dim

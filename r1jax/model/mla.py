@@ -28,18 +28,18 @@ class MLA(nnx.Module):
         self.dtype, pdt = dtypes(cfg)
         init = normal(cfg.initializer_range)
         d, h = cfg.hidden_size, cfg.num_attention_heads
-        n, r, v, l = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        self.nope_dim, self.rope_dim, self.kv_lora_rank = n, r, l
+        n, r, v, lat = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.kv_lora_rank = n, r, lat
         if cfg.q_lora_rank is None:
             self.wq = param(rngs, init, (d, h, n + r), ("embed", "heads", "head_dim"), pdt)
         else:
             self.wq_a = param(rngs, init, (d, cfg.q_lora_rank), ("embed", "q_lora"), pdt)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
             self.wq_b = param(rngs, init, (cfg.q_lora_rank, h, n + r), ("q_lora", "heads", "head_dim"), pdt)
-        self.wkv_a = param(rngs, init, (d, l + r), ("embed", "kv_lora"), pdt)
-        self.kv_norm = RMSNorm(l, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
-        self.wkv_b_k = param(rngs, init, (l, h, n), ("kv_lora", "heads", "head_dim"), pdt)
-        self.wkv_b_v = param(rngs, init, (l, h, v), ("kv_lora", "heads", "head_dim"), pdt)
+        self.wkv_a = param(rngs, init, (d, lat + r), ("embed", "kv_lora"), pdt)
+        self.kv_norm = RMSNorm(lat, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+        self.wkv_b_k = param(rngs, init, (lat, h, n), ("kv_lora", "heads", "head_dim"), pdt)
+        self.wkv_b_v = param(rngs, init, (lat, h, v), ("kv_lora", "heads", "head_dim"), pdt)
         self.wo = param(rngs, init, (h, v, d), ("heads", "head_dim", "embed"), pdt)
         self.rope = RotaryEmbedding(cfg, r, interleave=cfg.rope_interleave)
         self.scale = softmax_scale(cfg, n + r)

@@ -96,8 +96,9 @@ def test_dapo_without_global_count_is_local_token_mean():
 
 def test_single_pass_ratio_is_one_and_only_its_gradient_survives():
     logp, _, _, adv, mask = _batch()
-    loss_fn = lambda lp, old: grpo_loss(
-        lp, old, None, adv, mask, loss_type="bnpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    def loss_fn(lp, old):
+        return grpo_loss(lp, old, None, adv, mask, loss_type="bnpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+
     for old in (logp, None):  # an explicit copy, or None = stop_gradient(logp)
         (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(logp), old)
         weights = mask / mask.sum()

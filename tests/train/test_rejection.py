@@ -215,6 +215,8 @@ def test_engine_samples_do_not_depend_on_batching():
     alone, _ = rejection.rejection_sample(generate_fn, batch[::-1], always, k=2, dedupe=False, keep_truncated=True,
                                           batch_prompts=1)
     assert stats["samples"] == 6 and len(together) == 6
-    key = lambda r: (r["messages"][0]["content"], r["messages"][1]["content"])
+    def key(r):
+        return r["messages"][0]["content"], r["messages"][1]["content"]
+
     assert sorted(map(key, together)) == sorted(map(key, alone))
     assert len({key(r) for r in together}) > 3  # sampled: the two samples of a prompt differ
