@@ -46,9 +46,10 @@ On a single CPU device the engine keeps a per-layer copy of the stacks' weights
 scanned step would copy every layer's weights first), with W_kvb's halves stored heads-first for
 the absorbed dots, and runs its layers one after another instead of scanning. Its decode runs
 the routed experts of its few tokens with `small_batch_experts` (gathered pairs, per-expert
-buckets or every expert, by size). Sampling's per-token hashes are unrolled (`rng`). Together (this CPU, f32,
-against the scanned stack): small-moe batch 1 15.9 -> ~30 tokens/s, batch 16 61 -> ~120;
-tiny-moe batch 1 1,453 -> ~2,700, batch 16 7,944 -> ~11,000, 64 slots ~9,500 -> ~13,000.
+buckets or every expert, by size). Sampling's per-token hashes are unrolled (`rng`). Together
+(this CPU, f32, against the scanned stack): small-moe batch 1 15.9 -> ~30 tokens/s, batch 16
+61 -> ~120; tiny-moe batch 1 1,453 -> ~2,700, batch 16 7,944 -> ~11,000, 64 slots ~9,500 ->
+~13,000.
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
@@ -286,48 +287,48 @@ def _unbits(a: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
-def _cached_attention(attn, h, positions, attend_over, absorbed: bool, head_major: dict | None = None):
-    """h [B,T,D] at positions [B,T] over one layer's cache -> (out [B,T,D], new entries {name:
-    [B,T,...]}). attend_over: new entries -> the layer's cache prefix {name: [B,S,...]} with them
-    written (`_layer_cache`). Entry s is visible to a query at position p iff s <= p."""
+def _cached_attention(attn, h, positions, cache_io, absorbed: bool, head_major: dict | None = None):
+    """h [B,T,D] at positions [B,T] over one layer's cache -> (out [B,T,D], updated cache arrays).
+    cache_io (`_layer_cache`): new entries {name: [B,T,...]} -> (the layer's cache prefix {name:
+    [B,S,...]} with them written, the updated arrays). Entry s is visible to a query at position
+    p iff s <= p."""
     if isinstance(attn, MLA):
         q_nope, q_rope = attn.queries(h, positions)
         new = dict(zip(("c_kv", "k_rope"), attn.latent(h, positions)))
     else:
         new = dict(zip(("k", "v"), attn.project_kv(h, positions)))
-    seen = attend_over(new)
+    seen, bits = cache_io(new)
     mask = _mask(positions, next(iter(seen.values())).shape[1])
-    if isinstance(attn, MLA):
-        if absorbed:
-            return mla_absorbed(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask, head_major), new
-        return mla_naive(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask), new
-    return gqa_cached(attn, attn.query(h, positions), seen["k"], seen["v"], mask), new
+    if not isinstance(attn, MLA):
+        return gqa_cached(attn, attn.query(h, positions), seen["k"], seen["v"], mask), bits
+    if absorbed:
+        return mla_absorbed(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask, head_major), bits
+    return mla_naive(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask), bits
 
 
-def block_cached(block, x, positions, attend_over, absorbed: bool, head_major: dict | None = None):
-    """`Block.__call__` over one layer's cache (see `_cached_attention`) -> (x [B,T,D], new entries)."""
-    a, new = _cached_attention(block.attn, block.input_norm(x), positions, attend_over, absorbed, head_major)
-    return _ffn_residual(block, x, a), new
+def block_cached(block, x, positions, cache_io, absorbed: bool, head_major: dict | None = None):
+    """`Block.__call__` over one layer's cache (see `_cached_attention`) -> (x [B,T,D], updated
+    cache arrays)."""
+    a, bits = _cached_attention(block.attn, block.input_norm(x), positions, cache_io, absorbed, head_major)
+    return _ffn_residual(block, x, a), bits
 
 
 def _layer_cache(bits: dict, i, rows, positions, s: int, dtype):
-    """Layer i of a stack's bits arrays {name: [Y,slots,max_len,...]} -> (attend_over, written):
-    attend_over(new entries {name: [B,T,...]}) writes them at (slot rows[b], positions[b,t])
-    (rows None: all slots; rows >= slots and positions >= max_len are dropped) and returns entries
-    [:s] of those rows read back in new's dtype (rows >= slots read the last slot); written()
-    gives the updated arrays. i may be traced (the layer scan)."""
+    """Layer i of a stack's bits arrays {name: [Y,slots,max_len,...]} -> cache_io: new entries
+    {name: [B,T,...]} -> (entries [:s] of slots rows in new's dtype, read back after writing the
+    new ones at (rows[b], positions[b,t]); the updated arrays). rows None: all slots; rows >=
+    slots and positions >= max_len are dropped, rows >= slots read the last slot. i may be traced
+    (the layer scan)."""
     idx = (jnp.arange(positions.shape[0]) if rows is None else rows)[:, None]
-    box = {"bits": bits}
 
     def read(a):
         return a[i, :, :s] if rows is None else a[i, jnp.minimum(rows, a.shape[1] - 1), :s]
 
-    def attend_over(new: dict) -> dict:
-        box["bits"] = {k: a.at[i, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop")
-                       for k, a in box["bits"].items()}
-        return {k: _unbits(read(a), dtype).astype(new[k].dtype) for k, a in box["bits"].items()}
+    def cache_io(new: dict):
+        out = {k: a.at[i, idx, positions].set(_bits(new[k].astype(dtype)), mode="drop") for k, a in bits.items()}
+        return {k: _unbits(read(a), dtype).astype(new[k].dtype) for k, a in out.items()}, out
 
-    return attend_over, lambda: box["bits"]
+    return cache_io
 
 
 def _scan_stack(blocks, bits: dict, rows, x, positions, s: int, dtype, absorbed: bool, unroll: int = 1):
@@ -337,9 +338,9 @@ def _scan_stack(blocks, bits: dict, rows, x, positions, s: int, dtype, absorbed:
 
     def body(carry, layer_state):
         x, bits, i = carry
-        attend_over, written = _layer_cache(bits, i, rows, positions, s, dtype)
-        x, _ = block_cached(nnx.merge(graphdef, layer_state), x, positions, attend_over, absorbed)
-        return (x, written(), i + 1), None
+        x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
+                               _layer_cache(bits, i, rows, positions, s, dtype), absorbed)
+        return (x, bits, i + 1), None
 
     (x, bits, _), _ = jax.lax.scan(body, (x, bits, jnp.int32(0)), state, unroll=unroll)
     return x, bits
@@ -350,9 +351,8 @@ def _loop_stack(blocks, layer_states, bits: dict, rows, x, positions, s: int, dt
     block after another."""
     graphdef = nnx.graphdef(blocks)
     for i, (layer_state, head_major) in enumerate(layer_states):
-        attend_over, written = _layer_cache(bits, i, rows, positions, s, dtype)
-        x, _ = block_cached(nnx.merge(graphdef, layer_state), x, positions, attend_over, absorbed, head_major)
-        bits = written()
+        x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
+                               _layer_cache(bits, i, rows, positions, s, dtype), absorbed, head_major)
     return x, bits
 
 

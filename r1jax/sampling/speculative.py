@@ -45,9 +45,8 @@ def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: 
     joined = jnp.concatenate([layer.enorm(model.embed_tokens(next_tokens)), layer.hnorm(h_prev)], axis=-1)
     h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
     stacks = dict(stacks)
-    attend_over, written = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
-    h, _ = block_cached(layer.block, h, positions, attend_over, absorbed)
-    stacks["mtp"] = written()
+    cache_io = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
+    h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed)
     return model.head(layer.norm(h)), stacks
 
 
