@@ -102,7 +102,7 @@ def init_cache(cfg: ModelConfig, slots: int, max_len: int, *, dtype=jnp.bfloat16
         return Cache(stacks, jnp.zeros((slots,), jnp.int32))
 
     if mesh is None:
-        return jax.jit(build)()
+        return build()  # eager zeros: compiled once per shape, not once per call as a fresh jit of `build`
     return jax.jit(build, out_shardings=cache_shardings(cfg, slots, max_len, mesh, rules, mtp))()
 
 

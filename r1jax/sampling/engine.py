@@ -224,11 +224,15 @@ def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, head_major: dict | 
         q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, head_major["k"].astype(dt))
     else:
         q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, attn.wkv_b_k[...].astype(dt))
-    logits = jnp.einsum("BTHL,BSL->BHTS", q_lat, c, preferred_element_type=jnp.float32)
-    logits += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits * attn.scale, jnp.finfo(jnp.float32).min)
+    b, t, h, _ = q_lat.shape
+    # (T, H) as one axis G: one batched dot over B each, which XLA:CPU runs without the
+    # transposes a separate T axis costs once T > 1 (speculative verification).
+    logits = jnp.einsum("BGL,BSL->BGS", q_lat.reshape(b, t * h, -1), c, preferred_element_type=jnp.float32)
+    logits += jnp.einsum("BGR,BSR->BGS", q_rope.reshape(b, t * h, -1), k_rope, preferred_element_type=jnp.float32)
+    visible = jnp.broadcast_to(mask[:, 0, :, None, :], (b, t, h, mask.shape[-1])).reshape(b, t * h, -1)
+    logits = jnp.where(visible, logits * attn.scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out_lat = jnp.einsum("BHTS,BSL->BTHL", probs, c)
+    out_lat = jnp.einsum("BGS,BSL->BGL", probs, c).reshape(b, t, h, -1)
     if head_major:
         out = jnp.einsum("BTHL,HLV->BTHV", out_lat, head_major["v"].astype(dt))
     else:

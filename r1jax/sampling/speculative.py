@@ -12,6 +12,9 @@ the cache) and `draft` (the MTP's guess for token ℓ+1). One compiled step:
      (ℓ+1 if accepted, else ℓ) give the next draft. The MTP has its own cache stack (`mtp`),
      aligned with the main one: both hold exactly the positions < the slot's length.
 Entries written for a rejected draft lie at or past the new length: masked, then overwritten.
+As in the engine's decode loop, up to `chunk` steps run on device per compiled call (a
+`while_loop` that ends once every row has its tokens), attending over a power-of-two prefix of
+the cache, from per-layer weight arrays on one CPU device (`Weights.unstacked`).
 
     out = speculative_generate(model, prompts, max_tokens=100)   # out.tokens, out.acceptance_rate
 
@@ -32,12 +35,22 @@ import numpy as np
 from flax import nnx
 
 from r1jax.model.decoder import Decoder
+from r1jax.model.mla import MLA
 from r1jax.sampling.cache import Cache, init_cache
-from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _layer_cache, _pow2, _unbits,
-                                   block_cached, forward_cached)
+from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_placement, _layer_cache, _pow2,
+                                   _unbits, block_cached, forward_cached)
 
 
-def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: int, dtype, absorbed: bool):
+def _mtp_head_major(model: Decoder) -> dict:
+    """The MTP block's W_kvb halves heads-first (see `engine._head_major`); {} for GQA."""
+    attn = model.mtp[0].block.attn
+    if not isinstance(attn, MLA):
+        return {}
+    return {"k": jnp.transpose(attn.wkv_b_k[...], (1, 2, 0)), "v": jnp.transpose(attn.wkv_b_v[...], (1, 0, 2))}
+
+
+def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: int, dtype, absorbed: bool,
+               head_major: dict | None = None):
     """MTP depth 1 over the cache (bits arrays, see `forward_cached`): h_prev [B,T,D] (main
     hidden at positions), next_tokens [B,T] (the token after each position) -> (draft logits
     [B,T,V], stacks)."""
@@ -46,21 +59,21 @@ def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: 
     h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
     stacks = dict(stacks)
     cache_io = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
-    h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed)
+    h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed, head_major)
     return model.head(layer.norm(h)), stacks
 
 
-
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
-def _prefill(graphdef, placement: Placement, params, extra, cache: Cache, tokens, lengths):
+def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache, tokens, lengths):
     """Right-padded prompts [B,T] -> (cache, first token [B], first draft [B])."""
     with placement.active():
         model = nnx.merge(graphdef, params, extra)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        dtype, s = _cache_dtype(cache), cache.max_len
+        dtype, s = _cache_dtype(cache), min(_pow2(t), cache.max_len)
         stacks = jax.tree.map(_bits, cache.stacks)
-        x, stacks = forward_cached(model, stacks, tokens, positions, None, s, dtype, absorbed=False)
+        x, stacks = forward_cached(model, stacks, tokens, positions, None, s, dtype, absorbed=False,
+                                   layer_states=layers)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
         first = jnp.argmax(model.head(model.norm(last))[:, 0], axis=-1).astype(jnp.int32)
         nxt = jnp.roll(tokens, -1, axis=1)
@@ -71,23 +84,44 @@ def _prefill(graphdef, placement: Placement, params, extra, cache: Cache, tokens
     return Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths), first, draft
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
-def _step(graphdef, placement: Placement, params, extra, cache: Cache, last, draft):
-    """Verify [last, draft], draft again -> (cache, y [B,2], accepted [B] bool, new last, new draft)."""
-    with placement.active():
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
+def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, layers, cache: Cache,
+                  last, draft, budget):
+    """Up to `steps` verify + draft steps on device, attending over cache entries [:bucket].
+    budget [B]: tokens a row still needs (a row runs while it is > 0; the loop ends once no row
+    does) -> (cache, y [B,steps,2], accepted [B,steps], ran [B,steps], last, draft)."""
+    b = last.shape[0]
+    dtype = _cache_dtype(cache)
+    with _decode_placement(placement):
         model = nnx.merge(graphdef, params, extra)
-        positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
-        dtype, s = _cache_dtype(cache), cache.max_len
-        stacks = jax.tree.map(_bits, cache.stacks)
-        x, stacks = forward_cached(model, stacks, jnp.stack([last, draft], 1), positions, None, s, dtype, absorbed=True)
-        y = jnp.argmax(model.head(model.norm(x)), axis=-1).astype(jnp.int32)  # [B, 2]
-        accepted = y[:, 0] == draft
-        mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, s, dtype, absorbed=True)
-        drafts = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
-        new_draft = jnp.where(accepted, drafts[:, 1], drafts[:, 0])
-        new_last = jnp.where(accepted, y[:, 1], y[:, 0])
-        cache = Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), cache.lengths + 1 + accepted.astype(jnp.int32))
-    return cache, y, accepted, new_last, new_draft
+        mtp_head_major = _mtp_head_major(model)  # once a call, outside the loop
+
+        def body(carry):
+            j, stacks, lengths, last, draft, budget, out_y, out_acc, out_ran = carry
+            run = budget > 0
+            positions = lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+            x, stacks = forward_cached(model, stacks, jnp.stack([last, draft], 1), positions, None, bucket, dtype,
+                                       absorbed=True, layer_states=layers)
+            y = jnp.argmax(model.head(model.norm(x)), axis=-1).astype(jnp.int32)  # [B, 2]
+            accepted = (y[:, 0] == draft) & run
+            mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, bucket, dtype, True, mtp_head_major)
+            drafts = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+            emitted = jnp.where(run, 1 + accepted.astype(jnp.int32), 0)
+            out_y = out_y.at[:, j].set(y)
+            out_acc = out_acc.at[:, j].set(accepted)
+            out_ran = out_ran.at[:, j].set(run)
+            last = jnp.where(run, jnp.where(accepted, y[:, 1], y[:, 0]), last)
+            draft = jnp.where(run, jnp.where(accepted, drafts[:, 1], drafts[:, 0]), draft)
+            return j + 1, stacks, lengths + emitted, last, draft, budget - emitted, out_y, out_acc, out_ran
+
+        def cond(carry):
+            return (carry[0] < steps) & jnp.any(carry[5] > 0)
+
+        init = (jnp.int32(0), jax.tree.map(_bits, cache.stacks), cache.lengths, last, draft, budget,
+                jnp.zeros((b, steps, 2), jnp.int32), jnp.zeros((b, steps), bool), jnp.zeros((b, steps), bool))
+        _, stacks, lengths, last, draft, _, out_y, out_acc, out_ran = jax.lax.while_loop(cond, body, init)
+        cache = Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths)
+    return cache, out_y, out_acc, out_ran, last, draft
 
 
 @dataclasses.dataclass
@@ -109,13 +143,16 @@ class SpeculativeResult:
 
 def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_tokens: int, *,
                          max_len: int | None = None, cache_dtype=jnp.float32, min_bucket: int = 16,
-                         draft_oracle: Callable[[int, int], int] | None = None) -> SpeculativeResult:
-    """Greedy completions of `prompts` with MTP drafts. `draft_oracle(row, i)`, tests only,
-    replaces the MTP's draft for row's completion token i (to force acceptance or rejection)."""
+                         chunk: int = 8, draft_oracle: Callable[[int, int], int] | None = None) -> SpeculativeResult:
+    """Greedy completions of `prompts` with MTP drafts, up to `chunk` verify steps per compiled
+    call. `draft_oracle(row, i)`, tests only, replaces the MTP's draft for row's completion
+    token i (to force acceptance or rejection; one step per call)."""
     w = Weights.of(model_or_state)
     cfg = w.cfg
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
+    if w.layers is None and jax.default_backend() == "cpu":
+        w = w.unstacked()  # as `Engine` does on one CPU device
     b = len(prompts)
     longest = max(len(p) for p in prompts)
     t = _pow2(longest, min_bucket)
@@ -126,28 +163,32 @@ def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_t
         tokens[i, : len(p)] = p
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     placement = Placement()
-    cache, last, draft = _prefill(w.graphdef, placement, w.params, w.extra, cache, tokens, lengths)
+    cache, last, draft = _prefill(w.graphdef, placement, w.params, w.extra, w.layers, cache, tokens, lengths)
     out = [[int(x)] for x in np.asarray(last)]
     steps = drafts = accepted_total = 0
+    chunk = 1 if draft_oracle is not None else chunk
 
     def oracle(draft):
         if draft_oracle is None:
             return draft
         return np.asarray([draft_oracle(r, len(out[r])) if len(out[r]) < max_tokens else 0 for r in range(b)], np.int32)
 
-    draft = oracle(np.asarray(draft))
+    draft = oracle(draft)
     jax.block_until_ready(cache)
     start = time.perf_counter()
     while min(len(o) for o in out) < max_tokens:
-        cache, y, accepted, last, draft = _step(w.graphdef, placement, w.params, w.extra, cache, last, draft)
-        y, accepted = np.asarray(y), np.asarray(accepted)
-        steps += 1
+        budget = np.asarray([max_tokens - len(o) for o in out], np.int32)
+        reach = max(len(p) + len(o) for p, o in zip(prompts, out) if len(o) < max_tokens) + 2 * chunk + 1
+        bucket = min(_pow2(reach, min_bucket), max_len)
+        cache, y, accepted, ran, last, draft = _verify_chunk(w.graphdef, placement, chunk, bucket, w.params,
+                                                             w.extra, w.layers, cache, last, draft, budget)
+        y, accepted, ran = np.asarray(y), np.asarray(accepted), np.asarray(ran)
+        steps += int(ran.any(axis=0).sum())
         for r in range(b):
-            if len(out[r]) >= max_tokens:
-                continue
-            drafts += 1
-            accepted_total += int(accepted[r])
-            out[r] += [int(y[r, 0]), int(y[r, 1])] if accepted[r] else [int(y[r, 0])]
-        draft = oracle(np.asarray(draft))
+            for j in np.flatnonzero(ran[r]):
+                drafts += 1
+                accepted_total += int(accepted[r, j])
+                out[r] += [int(y[r, j, 0]), int(y[r, j, 1])] if accepted[r, j] else [int(y[r, j, 0])]
+        draft = oracle(draft)
     seconds = time.perf_counter() - start
     return SpeculativeResult([o[:max_tokens] for o in out], steps, drafts, accepted_total, seconds)
