@@ -156,8 +156,8 @@ def _blocked_experts(x, routing: Routing, w_gate, w_up, w_down):
     return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype))
 
 
-def small_batch_experts(x, routing, w_gate, w_up, w_down):
-    """`dropless_experts` for a few tokens on CPU, three ways by size:
+def small_batch_experts(x, routing, w_gate, w_up, w_down, *, dense: dict | None = None):
+    """`dropless_experts` for a few tokens on CPU, by size:
       fewer (token, expert) pairs than half the experts: each pair's weights gathered and
         applied as a matvec (a gather copies, so reading all experts in place costs about as
         much as gathering half of them);
@@ -165,15 +165,20 @@ def small_batch_experts(x, routing, w_gate, w_up, w_down):
       more, with experts so small that op count, not memory, is the cost (tiny-moe): every
         token through every expert as one batched matmul per projection, then each token's K
         outputs picked and weighted.
-    Falls back to `dropless_experts` once that computes fewer rows. Small-moe shapes (32
-    experts of 768 x 384, 11 layers, per-layer arrays, uniform random routing): batch 1 pairs /
-    every expert / blocks 16 / 41 / 44 ms; batch 16 bucketed / every expert / blocks 93 / 109 /
-    289 ms."""
+    Once `dropless_experts` would compute fewer rows than every-expert, it takes over, unless
+    `dense` (`dense_expert_weights`, experts of at most 2^18 weights) is given: every expert as
+    two plain matmuls (`_dense_experts`), which beats the blocked kernel there.
+    Small-moe shapes (32 experts of 768 x 384, 11 layers, per-layer arrays, uniform random
+    routing): batch 1 pairs / every expert / blocks 16 / 41 / 44 ms; batch 16 bucketed / every
+    expert / blocks 93 / 109 / 289 ms. Tiny-moe (16 experts of 128 x 64), one decode step:
+    16 slots every-expert / dense 1.07 / 1.18 ms, 64 slots blocked / dense 3.57 / 3.23 ms."""
     n, k = routing.experts.shape
     e, d, f = w_gate.shape
     if 2 * n * k < e:
         return _pair_experts(x, routing, w_gate, w_up, w_down), {}
     if n * e > n * k + 32 * min(e, n * k):
+        if dense is not None and e * d * f <= 1 << 18:
+            return _dense_experts(x, routing, dense["gate_up"], dense["down"], e), {}
         return dropless_experts(x, routing, w_gate, w_up, w_down)
     if e * d * f > 1 << 18:
         return _bucketed_experts(x, routing, w_gate, w_up, w_down), {}
@@ -182,6 +187,25 @@ def small_batch_experts(x, routing, w_gate, w_up, w_down):
     y = jnp.einsum("ENF,EFD->END", h, w_down)
     picked = y[routing.experts, jnp.arange(n)[:, None]]  # [N,K,D]
     return jnp.einsum("NKD,NK->ND", picked, routing.weights.astype(y.dtype)), {}
+
+
+def dense_expert_weights(w_gate, w_up, w_down) -> dict:
+    """Experts [E,D,F], [E,D,F], [E,F,D] as `_dense_experts` reads them: gate_up [D, 2EF]
+    (gate columns e*F + j, then up's), down [EF, D]."""
+    e, d, f = w_gate.shape
+    cols = lambda w: jnp.transpose(w, (1, 0, 2)).reshape(d, e * f)  # noqa: E731
+    return {"gate_up": jnp.concatenate([cols(w_gate), cols(w_up)], axis=1), "down": w_down.reshape(e * f, d)}
+
+
+def _dense_experts(x, routing: Routing, gate_up, down, e: int):
+    """x [N, D] through all e experts as two plain matmuls: h [N, E, F] = silu(x W_gate) * x W_up,
+    scaled per expert by the token's combine weight (0 off its K), then [N, EF] x [EF, D]."""
+    n = x.shape[0]
+    ef = down.shape[0]
+    gu = jnp.einsum("ND,DM->NM", x, gate_up).reshape(n, 2, e, ef // e)
+    combine = jnp.sum(jnp.where(routing.experts[:, :, None] == jnp.arange(e), routing.weights[:, :, None], 0.0), 1)
+    h = jax.nn.silu(gu[:, 0]) * gu[:, 1] * combine.astype(x.dtype)[:, :, None]
+    return jnp.einsum("NM,MD->ND", h.reshape(n, ef), down)
 
 
 def _pair_experts(x, routing: Routing, w_gate, w_up, w_down):
@@ -222,6 +246,10 @@ def _bucketed_experts(x, routing: Routing, w_gate, w_up, w_down):
 
 ExpertFn = Callable[..., tuple[jax.Array, dict]]
 _EXPERT_FN: contextvars.ContextVar[ExpertFn] = contextvars.ContextVar("r1jax_expert_fn", default=dropless_experts)
+
+
+def current_expert_fn() -> ExpertFn:
+    return _EXPERT_FN.get()
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ from r1jax.config import ModelConfig
 from r1jax.model.decoder import Decoder
 from r1jax.model.layers import attend
 from r1jax.model.mla import MLA
-from r1jax.model.moe import MoE, small_batch_experts, use_expert_fn
+from r1jax.model.moe import MoE, current_expert_fn, dense_expert_weights, small_batch_experts, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes, constrain
 from r1jax.sampling.cache import Cache, cache_shardings, init_cache
@@ -119,7 +119,7 @@ class Weights:
     graphdef: Any
     params: Any
     extra: Any
-    layers: Any = None  # {stack: ((layer state, head-major W_kvb), ...)} of `unstacked()`; None: scan
+    layers: Any = None  # {stack: ((layer state, `_decode_layout`), ...)} of `unstacked()`; None: scan
 
     @classmethod
     def of(cls, model_or_state) -> "Weights":
@@ -161,21 +161,28 @@ def _unstack_states(stacks: dict) -> dict:
             for k, st in stacks.items()}
 
 
-def _head_major(blocks) -> dict:
-    """The absorbed decode's W_kvb halves with heads leading, as its batched dots read them:
-    k [Y,H,N,L], v [Y,H,L,V] (stored [Y,L,H,N] / [Y,L,H,V]: XLA:CPU would transpose both at
-    every step, ~15% of small-moe's decode at batch 1). {} for GQA."""
-    if not isinstance(blocks.attn, MLA):
-        return {}
-    return {"k": jnp.transpose(blocks.attn.wkv_b_k[...], (0, 2, 3, 1)),
-            "v": jnp.transpose(blocks.attn.wkv_b_v[...], (0, 2, 1, 3))}
+def _decode_layout(blocks) -> dict:
+    """A block's (or a stack's, leading Y) arrays in the layouts the per-layer decode reads:
+    W_kvb's halves heads-first, k [Y,H,N,L], v [Y,H,L,V] (stored [Y,L,H,N] / [Y,L,H,V]: XLA:CPU
+    would transpose both at every step, ~15% of small-moe's decode at batch 1; none for GQA), and
+    routed experts of at most 2^18 weights each as `dense_expert_weights` ("experts": two plain
+    matmuls, twice as fast as the blocked kernel for tiny-moe's 64-slot GRPO rollouts)."""
+    out = {}
+    if isinstance(blocks.attn, MLA):
+        out["k"] = jnp.moveaxis(blocks.attn.wkv_b_k[...], -3, -1)
+        out["v"] = jnp.swapaxes(blocks.attn.wkv_b_v[...], -3, -2)
+    ffn = blocks.ffn
+    if isinstance(ffn, MoE) and math.prod(ffn.w_gate.shape[-3:]) <= 1 << 18:
+        ws = (ffn.w_gate[...], ffn.w_up[...], ffn.w_down[...])
+        out["experts"] = (dense_expert_weights if ws[0].ndim == 3 else jax.vmap(dense_expert_weights))(*ws)
+    return out
 
 
 def _unstack(graphdef, params, extra) -> dict:
-    """{stack: ((layer state, head-major W_kvb), ...)} for `Weights.layers`."""
+    """{stack: ((layer state, `_decode_layout` arrays), ...)} for `Weights.layers`."""
     model = nnx.merge(graphdef, params, extra)
     stacks = {k: getattr(model, k) for k in _STACKS if getattr(model, k) is not None}
-    return _unstack_states({k: (nnx.state(b), _head_major(b)) for k, b in stacks.items()})
+    return _unstack_states({k: (nnx.state(b), _decode_layout(b)) for k, b in stacks.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +225,7 @@ def _mask(positions: jax.Array, s: int) -> jax.Array:
 
 def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, head_major: dict | None = None) -> jax.Array:
     """Attention over the latent. q_nope [B,T,H,N], q_rope [B,T,H,R], c [B,S,L], k_rope [B,S,R],
-    mask [B,1,T,S] -> [B,T,D]. head_major: W_kvb's halves as k [H,N,L], v [H,L,V] (`_head_major`)."""
+    mask [B,1,T,S] -> [B,T,D]. head_major: W_kvb's halves as k [H,N,L], v [H,L,V] (`_decode_layout`)."""
     dt = attn.dtype
     if head_major:
         q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, head_major["k"].astype(dt))
@@ -351,13 +358,25 @@ def _scan_stack(blocks, bits: dict, rows, x, positions, s: int, dtype, absorbed:
 
 
 def _loop_stack(blocks, layer_states, bits: dict, rows, x, positions, s: int, dtype, absorbed: bool):
-    """`_scan_stack` over per-layer (state, head-major W_kvb) pairs (`Weights.unstacked`), one
+    """`_scan_stack` over per-layer (state, `_decode_layout`) pairs (`Weights.unstacked`), one
     block after another."""
     graphdef = nnx.graphdef(blocks)
-    for i, (layer_state, head_major) in enumerate(layer_states):
-        x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
-                               _layer_cache(bits, i, rows, positions, s, dtype), absorbed, head_major)
+    for i, (layer_state, layout) in enumerate(layer_states):
+        head_major = {k: layout[k] for k in ("k", "v") if k in layout}
+        with _layer_experts(layout):
+            x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
+                                   _layer_cache(bits, i, rows, positions, s, dtype), absorbed, head_major)
     return x, bits
+
+
+@contextlib.contextmanager
+def _layer_experts(layout: dict):
+    """Decode's `small_batch_experts` with this layer's dense expert layout, if it has one."""
+    if "experts" in layout and current_expert_fn() is small_batch_experts:
+        with use_expert_fn(functools.partial(small_batch_experts, dense=layout["experts"])):
+            yield
+    else:
+        yield
 
 
 def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int, dtype, absorbed: bool = True,

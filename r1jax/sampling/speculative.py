@@ -35,31 +35,30 @@ import numpy as np
 from flax import nnx
 
 from r1jax.model.decoder import Decoder
-from r1jax.model.mla import MLA
 from r1jax.sampling.cache import Cache, init_cache
-from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_placement, _layer_cache, _pow2,
-                                   _unbits, block_cached, forward_cached)
+from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_layout, _decode_placement,
+                                   _layer_cache, _layer_experts, _pow2, _unbits, block_cached, forward_cached)
 
 
-def _mtp_head_major(model: Decoder) -> dict:
-    """The MTP block's W_kvb halves heads-first (see `engine._head_major`); {} for GQA."""
-    attn = model.mtp[0].block.attn
-    if not isinstance(attn, MLA):
-        return {}
-    return {"k": jnp.transpose(attn.wkv_b_k[...], (1, 2, 0)), "v": jnp.transpose(attn.wkv_b_v[...], (1, 0, 2))}
+def _mtp_layout(model: Decoder) -> dict:
+    """The MTP block's arrays in the per-layer decode's layouts (`engine._decode_layout`)."""
+    return _decode_layout(model.mtp[0].block)
 
 
 def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: int, dtype, absorbed: bool,
-               head_major: dict | None = None):
+               layout: dict | None = None):
     """MTP depth 1 over the cache (bits arrays, see `forward_cached`): h_prev [B,T,D] (main
     hidden at positions), next_tokens [B,T] (the token after each position) -> (draft logits
-    [B,T,V], stacks)."""
+    [B,T,V], stacks). layout: `_mtp_layout`, for the single-device decode."""
     layer = model.mtp[0]
     joined = jnp.concatenate([layer.enorm(model.embed_tokens(next_tokens)), layer.hnorm(h_prev)], axis=-1)
     h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
     stacks = dict(stacks)
     cache_io = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
-    h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed, head_major)
+    layout = layout or {}
+    with _layer_experts(layout):
+        h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed,
+                                        {k: layout[k] for k in ("k", "v") if k in layout})
     return model.head(layer.norm(h)), stacks
 
 
@@ -94,7 +93,7 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
     dtype = _cache_dtype(cache)
     with _decode_placement(placement):
         model = nnx.merge(graphdef, params, extra)
-        mtp_head_major = _mtp_head_major(model)  # once a call, outside the loop
+        mtp_layout = _mtp_layout(model)  # once a call, outside the loop
 
         def body(carry):
             j, stacks, lengths, last, draft, budget, out_y, out_acc, out_ran = carry
@@ -104,7 +103,7 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
                                        absorbed=True, layer_states=layers)
             y = jnp.argmax(model.head(model.norm(x)), axis=-1).astype(jnp.int32)  # [B, 2]
             accepted = (y[:, 0] == draft) & run
-            mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, bucket, dtype, True, mtp_head_major)
+            mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, bucket, dtype, True, mtp_layout)
             drafts = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
             emitted = jnp.where(run, 1 + accepted.astype(jnp.int32), 0)
             out_y = out_y.at[:, j].set(y)

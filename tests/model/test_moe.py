@@ -6,6 +6,7 @@ under test. Reference gradients are the dense formula's backward pass derived by
 with the (piecewise-constant) expert choice held fixed.
 """
 
+import functools
 import chex
 import jax
 import jax.numpy as jnp
@@ -376,14 +377,14 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     chex.assert_trees_all_close(grads, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n, f, same", [(1, 6, False), (4, 6, False), (64, 6, False), (8, 160, False),
-                                         (8, 160, True)])
-def test_small_batch_experts_equal_per_token_numpy(n, f, same):
+@pytest.mark.parametrize("n, f, same, dense", [(1, 6, False, False), (4, 6, False, False), (64, 6, False, False),
+                                                (64, 6, False, True), (8, 160, False, False), (8, 160, True, False)])
+def test_small_batch_experts_equal_per_token_numpy(n, f, same, dense):
     """Decode's expert kernel against a per-token NumPy sum over the chosen experts: n 1 takes
-    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel;
-    experts of 8 x 160 take the bucketed buffers, with every token on the same experts (same)
-    filling the largest bucket."""
-    from r1jax.model.moe import small_batch_experts  # noqa: PLC0415
+    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel, or
+    with `dense` to two plain matmuls over every expert; experts of 8 x 160 take the bucketed
+    buffers, with every token on the same experts (same) filling the largest bucket."""
+    from r1jax.model.moe import dense_expert_weights, small_batch_experts  # noqa: PLC0415
 
     rng = np.random.default_rng(n)
     d, e, k = (8, 16, 4) if f == 6 else (128, 16, 4)
@@ -395,7 +396,8 @@ def test_small_batch_experts_equal_per_token_numpy(n, f, same):
     wg, wu = (rng.standard_normal((2, e, d, f)) * d**-0.5).astype(np.float32)
     wd = rng.standard_normal((e, f, d)).astype(np.float32)
     routing = Routing(jnp.asarray(weights), jnp.asarray(chosen), jnp.zeros((n, e)))
-    got, _ = jax.jit(small_batch_experts)(x, routing, wg, wu, wd)
+    layout = dense_expert_weights(wg, wu, wd) if dense else None
+    got, _ = jax.jit(functools.partial(small_batch_experts, dense=layout))(x, routing, wg, wu, wd)
     want = np.zeros((n, d), np.float32)
     for t in range(n):
         for j, ex in enumerate(chosen[t]):
