@@ -436,8 +436,17 @@ def sample_tokens(logits, temperature, top_k, top_p, uniforms) -> tuple[jax.Arra
                         logits, temperature, top_k, top_p, uniforms)
 
 
+def argmax_first(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, -1)` as int32 (the first maximum; NaN rows give the last index) from two
+    plain reductions: XLA:CPU's fused value-and-index reduce is 2-4x slower ([16, 32768]: 1.04
+    against 0.55 ms)."""
+    v = x.shape[-1]
+    ids = jnp.arange(v, dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(x == jnp.max(x, -1, keepdims=True), ids, v), -1), v - 1)
+
+
 def _greedy_tokens(logits, temperature, top_k, top_p, uniforms):
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = argmax_first(logits)
     return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
 
 
@@ -454,7 +463,7 @@ def _sampled_tokens(logits, temperature, top_k, top_p, uniforms):
     masked = jnp.where(keep | ~truncates[:, None], scaled, -jnp.inf)
     log_probs = jax.nn.log_softmax(masked, axis=-1)
     choice = _inverse_cdf_draw(uniforms, jnp.exp(log_probs))
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), choice).astype(jnp.int32)
+    tokens = jnp.where(greedy, argmax_first(logits), choice).astype(jnp.int32)
     sampled_lp = jnp.take_along_axis(log_probs, tokens[:, None], axis=1)[:, 0]
     model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=1)[:, 0]
     return tokens, jnp.where(greedy, model_lp, sampled_lp)
@@ -469,7 +478,7 @@ def _inverse_cdf_draw(uniforms, probs):
     draw that rounds up to the total is clamped to the last id with probability."""
     cdf = jnp.cumsum(probs, axis=-1)
     u = uniforms * cdf[:, -1]
-    last = probs.shape[1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+    last = jnp.max(jnp.where(probs > 0, jnp.arange(probs.shape[1], dtype=jnp.int32), 0), axis=-1)
     return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), last)
 
 

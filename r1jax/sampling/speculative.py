@@ -37,7 +37,8 @@ from flax import nnx
 from r1jax.model.decoder import Decoder
 from r1jax.sampling.cache import Cache, init_cache
 from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_layout, _decode_placement,
-                                   _layer_cache, _layer_experts, _pow2, _unbits, block_cached, forward_cached)
+                                   _layer_cache, _layer_experts, _pow2, _unbits, argmax_first, block_cached,
+                                   forward_cached)
 
 
 def _mtp_layout(model: Decoder) -> dict:
@@ -74,12 +75,12 @@ def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache
         x, stacks = forward_cached(model, stacks, tokens, positions, None, s, dtype, absorbed=False,
                                    layer_states=layers)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-        first = jnp.argmax(model.head(model.norm(last))[:, 0], axis=-1).astype(jnp.int32)
+        first = argmax_first(model.head(model.norm(last))[:, 0])
         nxt = jnp.roll(tokens, -1, axis=1)
         nxt = jnp.where(jnp.arange(t)[None] == (lengths - 1)[:, None], first[:, None], nxt)
         mtp_logits, stacks = mtp_cached(model, stacks, x, nxt, positions, s, dtype, absorbed=False)
         draft_logits = jnp.take_along_axis(mtp_logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
+        draft = argmax_first(draft_logits)
     return Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths), first, draft
 
 
@@ -101,10 +102,10 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
             positions = lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
             x, stacks = forward_cached(model, stacks, jnp.stack([last, draft], 1), positions, None, bucket, dtype,
                                        absorbed=True, layer_states=layers)
-            y = jnp.argmax(model.head(model.norm(x)), axis=-1).astype(jnp.int32)  # [B, 2]
+            y = argmax_first(model.head(model.norm(x)))  # [B, 2]
             accepted = (y[:, 0] == draft) & run
             mtp_logits, stacks = mtp_cached(model, stacks, x, y, positions, bucket, dtype, True, mtp_layout)
-            drafts = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+            drafts = argmax_first(mtp_logits)
             emitted = jnp.where(run, 1 + accepted.astype(jnp.int32), 0)
             out_y = out_y.at[:, j].set(y)
             out_acc = out_acc.at[:, j].set(accepted)
