@@ -5,6 +5,7 @@ Hugging Face transformers (`DeepseekV3ForCausalLM.generate`, torch CPU, float32)
     python benchmarks/decode.py --configs tiny-moe small-moe --steps 32
     taskset -c 0 python benchmarks/decode.py --configs small-moe --steps 16 --skip-mtp  # one core each
     python benchmarks/decode.py --configs small-moe --skip-hf     # r1jax only (+ MTP speculative)
+    python benchmarks/decode.py --checkpoint runs/demo/sft --steps 96   # trained weights (`make demo`)
 
 Per config, one r1jax model with random weights (filled from NumPy, no init compiles) and the
 same weights in transformers (`r1jax.interop.hf.to_hf_state_dict` + `load_state_dict`); the
@@ -39,8 +40,14 @@ that transformers 5.x's `DeepseekV3Attention` (checked on 5.24) caches the compr
 kv_b_proj at every step), so HF's cache is as small as r1jax's at the same dtype; the ~70x is
 against the per-head layout, which is what transformers 4.x's DeepseekV3 cached.
 
-Caveats: random weights (MTP acceptance from an untrained MTP module is near zero, so the
-speculative row, r1jax only, measures the overhead of drafting, not its gain); times exclude
+MTP speculative rows (r1jax only; HF's generate has no MTP drafter): `speculative_generate`
+at batch 1 and 16 on the decode prompts, greedy, and its ratio to plain decode. With random
+weights the MTP's drafts are almost never accepted, so those rows measure the overhead of
+drafting, not its gain; `--checkpoint RUN_DIR` loads a training run's weights instead (the
+run's model config; decode prompts are the built-in tasks' held-out prompts of one token
+length), where acceptance is real.
+
+Caveats: random weights unless --checkpoint; times exclude
 compilation / warm-up (one run each); CPU timings on a shared machine are noisy; r1jax's decode
 attends over a power-of-two prefix of its cache rows (masked), HF over the tokens so far.
 """
@@ -97,11 +104,40 @@ def decode_prompts(batch: int) -> list[list[int]]:
     return [[3 + i] * DECODE_PROMPT for i in range(batch)]
 
 
+def trained_model(run_dir: str):
+    """(model config, Decoder computing in f32, task prompts) from a training run's newest
+    checkpoint (e.g. runs/demo/sft): the built-in tasks' held-out prompts in the chat template,
+    those of the most common token length (HF's generate then needs no padding), at least 16."""
+    from collections import Counter
+    from pathlib import Path
+
+    from r1jax import checkpoint as ckpt_lib
+    from r1jax import config as config_lib
+    from r1jax.data.datasets import TOKENIZER_FILE
+    from r1jax.data.tokenizer import SentencePieceTokenizer
+    from r1jax.train.grpo import prompt_records
+    from r1jax.train.step import TrainStep
+
+    meta = ckpt_lib.read_meta(run_dir)
+    cfg = config_lib.build(config_lib.Config, meta["config"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+    step = TrainStep(cfg)
+    params, extra = ckpt_lib.load_params(run_dir, (step.abstract.params, step.abstract.extra))
+    tok_file = next(Path(c) for c in (meta.get("tokenizer"), cfg.data.tokenizer, Path(run_dir) / TOKENIZER_FILE)
+                    if c and Path(c).is_file())
+    records = prompt_records(cfg, SentencePieceTokenizer(tok_file), "eval", 512)
+    length, _ = Counter(len(r["prompt_ids"]) for r in records).most_common(1)[0]
+    prompts = [r["prompt_ids"] for r in records if len(r["prompt_ids"]) == length]
+    if len(prompts) < max(BATCHES):
+        raise SystemExit(f"{run_dir}: only {len(prompts)} task prompts of one length; need {max(BATCHES)}")
+    return cfg.model, nnx.merge(step.graphdef, params, extra), prompts
+
+
 def prefill_prompts(cfg, batch: int, length: int) -> list[list[int]]:
     return [list(np.random.default_rng(i).integers(3, cfg.vocab_size, length)) for i in range(batch)]
 
 
-def decode_rate(w, cfg, batch: int, steps: int, max_len: int, chunk: int) -> float:
+def decode_rate(w, prompts, batch: int, steps: int, max_len: int, chunk: int) -> float:
     """Tokens/s of `Engine.step` with `batch` greedy requests decoding (host bookkeeping and the
     per-chunk readback included): the tokens of the steps after the first (which admits the
     requests: prefill, first token, first chunk) over their time."""
@@ -109,7 +145,7 @@ def decode_rate(w, cfg, batch: int, steps: int, max_len: int, chunk: int) -> flo
     sampling = eng.SamplingParams(temperature=0.0, max_tokens=1 + chunk + steps)
 
     def run() -> float:
-        for i, p in enumerate(decode_prompts(batch)):
+        for i, p in enumerate(prompts[:batch]):
             engine.add_request(i, p, sampling)
         engine.step()
         start, tokens = time.perf_counter(), 0
@@ -122,6 +158,17 @@ def decode_rate(w, cfg, batch: int, steps: int, max_len: int, chunk: int) -> flo
 
     run()  # compile (every attention bucket the run reaches)
     return max(run() for _ in range(REPEATS))
+
+
+def speculative_rate(w, prompts, steps: int, max_len: int, chunk: int):
+    """`speculative_generate` (greedy, bf16 cache as the engine's, `chunk` verify steps per call)
+    of steps + 1 tokens a row, the best of REPEATS after a compiling run: tokens after the
+    first over the decode loop's time (`SpeculativeResult.tokens_per_second`)."""
+    def run():
+        return speculative_generate(w, prompts, steps + 1, max_len=max_len, cache_dtype=jnp.bfloat16, chunk=chunk)
+
+    run()
+    return max((run() for _ in range(REPEATS)), key=lambda r: r.tokens_per_second)
 
 
 def prefill_rate(w, cfg, batch: int, length: int, max_len: int) -> tuple[float, np.ndarray]:
@@ -262,19 +309,19 @@ def hf_prefill(model, prompts: list[list[int]]):
     return ids.numel() / elapsed, out.logits[:, -1].float().numpy(), out.cache
 
 
-def hf_decode_rate(model, batch: int, steps: int) -> float:
+def hf_decode_rate(model, prompts, batch: int, steps: int) -> float:
     """Greedy `generate` tokens/s: batch * steps / (t(steps + 1 new) - t(1 new)); the difference
     takes out the prefill and the first token."""
     import torch
 
-    ids = torch.tensor(decode_prompts(batch), dtype=torch.long)
+    ids = torch.tensor(prompts[:batch], dtype=torch.long)
     mask = torch.ones_like(ids)
 
     def run(new: int) -> float:
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
         elapsed = time.perf_counter() - start
-        assert out.shape == (batch, DECODE_PROMPT + new), out.shape
+        assert out.shape == (batch, ids.shape[1] + new), out.shape
         return elapsed
 
     with torch.inference_mode():
@@ -296,20 +343,27 @@ def torch_dtype_name(cache) -> str:
 
 
 def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
-    cfg = load_model(f"configs/model/{name}.yaml")
-    if args.dtype != "config":
-        cfg = dataclasses.replace(cfg, dtype=args.dtype)
     t0 = time.perf_counter()
-    model = random_model(cfg)
+    if args.checkpoint:
+        cfg, model, prompts = trained_model(args.checkpoint)
+        name, kind = args.checkpoint.rstrip("/"), "trained"
+    else:
+        cfg = load_model(f"configs/model/{name}.yaml")
+        if args.dtype != "config":
+            cfg = dataclasses.replace(cfg, dtype=args.dtype)
+        model, prompts, kind = random_model(cfg), decode_prompts(max(BATCHES)), "random"
     w = eng.Weights.of(model)
+    if jax.default_backend() == "cpu":
+        w = w.unstacked()  # what `Engine` runs on one CPU device, for prefill too
     head = (f"{name}: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-            f"r1jax compute {cfg.dtype} / params {cfg.param_dtype}; weights in {time.perf_counter() - t0:.1f}s")
+            f"r1jax compute {cfg.dtype} / params {cfg.param_dtype}; {kind} weights in {time.perf_counter() - t0:.1f}s; "
+            f"decode prompts of {len(prompts[0])} tokens")
     notes = [head]
     cache_bpt = r1jax_cache_bytes_per_token(cfg)
     pf, pf_logits = prefill_rate(w, cfg, PREFILL_ROWS, args.prefill_len, args.max_len)
     ours = row(name, "r1jax", prefill=pf, cache=cache_bpt, cache_bf16=cache_bpt, cache_dtype="bf16")
     for b in BATCHES:
-        ours[f"b{b}"] = decode_rate(w, cfg, b, args.steps, args.max_len, args.decode_chunk)
+        ours[f"b{b}"] = decode_rate(w, prompts, b, args.steps, args.max_len, args.decode_chunk)
     rows = [ours]
     notes.append(f"  r1jax done in {time.perf_counter() - t0:.0f}s")
     bw = args.bandwidth
@@ -321,12 +375,18 @@ def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
         + ", ".join(f"b{b} {ceiling[f'b{b}']:,.0f} tok/s" for b in BATCHES))
     ceiling_row = row(name, "weight-read ceiling", **ceiling)
 
+    spec_rows = []
     if cfg.num_nextn_predict_layers and not args.skip_mtp:
-        prompt = [list(np.random.default_rng(0).integers(3, cfg.vocab_size, DECODE_PROMPT))]
-        speculative_generate(model, prompt, 8, max_len=args.max_len)  # compile
-        spec = speculative_generate(model, prompt, args.steps, max_len=args.max_len)
-        notes.append(f"  r1jax MTP speculative, batch 1: acceptance {spec.acceptance_rate:.2f}, "
-                     f"{spec.tokens_per_second:,.1f} tok/s (random weights: drafting overhead, not gain)")
+        spec = row(name, "r1jax MTP speculative")
+        for b in BATCHES:
+            res = speculative_rate(w, prompts[:b], args.steps, args.max_len, args.decode_chunk)
+            spec[f"b{b}"] = res.tokens_per_second
+            notes.append(f"  r1jax MTP speculative, batch {b}: acceptance {res.acceptance_rate:.3f}, "
+                         f"{res.steps} verify steps for {args.steps} tokens a row"
+                         + (" (random weights: drafting overhead, not gain)" if kind == "random" else ""))
+        spec_rows = [spec, row(name, "MTP speculative vs plain", ratio=True,
+                               **{f"b{b}": spec[f"b{b}"] / ours[f"b{b}"] for b in BATCHES})]
+    rows += spec_rows
 
     if not args.skip_hf and cfg.is_mla:
         import torch
@@ -341,7 +401,7 @@ def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
         theirs = row(name, f"HF {transformers.__version__}", prefill=pf_hf, cache=nbytes / tokens,
                      cache_bf16=2 * values / tokens, cache_dtype=torch_dtype_name(hf_cache))
         for b in BATCHES:
-            theirs[f"b{b}"] = hf_decode_rate(hf, b, args.steps)
+            theirs[f"b{b}"] = hf_decode_rate(hf, prompts, b, args.steps)
         rows.append(theirs)
         diff = np.abs(pf_logits - hf_logits).max()
         notes.append(f"  HF ({torch.get_num_threads()} torch threads) done in {time.perf_counter() - t1:.0f}s; "
@@ -426,7 +486,9 @@ def main():
     ap.add_argument("--max-len", type=int, default=512, help="r1jax cache row length")
     ap.add_argument("--decode-chunk", type=int, default=8, help="r1jax tokens per compiled decode call")
     ap.add_argument("--skip-hf", action="store_true", help="r1jax only")
-    ap.add_argument("--skip-mtp", action="store_true", help="no MTP speculative row")
+    ap.add_argument("--skip-mtp", action="store_true", help="no MTP speculative rows")
+    ap.add_argument("--checkpoint", help="a training run (e.g. runs/demo/sft): its trained weights and model "
+                                         "instead of --configs with random ones, task prompts for decode")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "config"],
                     help="r1jax compute dtype (default float32, as HF runs; `config`: the yaml's)")
     ap.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -439,12 +501,12 @@ def main():
         torch.set_num_threads(args.torch_threads)
     print(f"{jax.device_count()} x {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
           f"CPUs usable, load average {os.getloadavg()[0]:.1f}; "
-          f"decode after a {DECODE_PROMPT}-token prompt, {args.steps} steps; "
+          f"decode after a {DECODE_PROMPT}-token prompt (task prompts with --checkpoint), {args.steps} steps; "
           f"prefill {PREFILL_ROWS} x {args.prefill_len}")
     args.bandwidth = stream_bandwidth()
     print(f"memory bandwidth: {args.bandwidth:.1f} GB/s (jitted f32 matvec over 256 MiB, best of 10)")
     rows, notes = [], []
-    for name in args.configs:
+    for name in [args.checkpoint] if args.checkpoint else args.configs:
         r, n = bench_config(name, args)
         rows += r
         notes += n
