@@ -166,7 +166,8 @@ def _decode_layout(blocks) -> dict:
     W_kvb's halves heads-first, k [Y,H,N,L], v [Y,H,L,V] (stored [Y,L,H,N] / [Y,L,H,V]: XLA:CPU
     would transpose both at every step, ~15% of small-moe's decode at batch 1; none for GQA), and
     routed experts of at most 2^18 weights each as `dense_expert_weights` ("experts": two plain
-    matmuls, twice as fast as the blocked kernel for tiny-moe's 64-slot GRPO rollouts)."""
+    matmuls where `small_batch_experts` would take the blocked kernel; tiny-moe's 64-slot GRPO
+    rollouts: 3.57 -> 3.23 ms a decode step). The tiny experts' copy costs ~1.5 MB a layer."""
     out = {}
     if isinstance(blocks.attn, MLA):
         out["k"] = jnp.moveaxis(blocks.attn.wkv_b_k[...], -3, -1)

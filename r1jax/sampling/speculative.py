@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,15 +86,18 @@ def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
 def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, layers, cache: Cache,
-                  last, draft, budget):
+                  last, draft, budget, forced=None):
     """Up to `steps` verify + draft steps on device, attending over cache entries [:bucket].
     budget [B]: tokens a row still needs (a row runs while it is > 0; the loop ends once no row
-    does) -> (cache, y [B,steps,2], accepted [B,steps], ran [B,steps], last, draft)."""
+    does); forced (tests): (drafts [B,W] for each completion token index, tokens [B] each row
+    has) replaces the MTP's drafts -> (cache, y [B,steps,2], accepted [B,steps], ran [B,steps],
+    last, draft)."""
     b = last.shape[0]
     dtype = _cache_dtype(cache)
     with _decode_placement(placement):
         model = nnx.merge(graphdef, params, extra)
         mtp_layout = _mtp_layout(model)  # once a call, outside the loop
+        budget0 = budget
 
         def body(carry):
             j, stacks, lengths, last, draft, budget, out_y, out_acc, out_ran = carry
@@ -112,6 +115,10 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
             out_ran = out_ran.at[:, j].set(run)
             last = jnp.where(run, jnp.where(accepted, y[:, 1], y[:, 0]), last)
             draft = jnp.where(run, jnp.where(accepted, drafts[:, 1], drafts[:, 0]), draft)
+            if forced is not None:
+                table, had = forced
+                index = jnp.minimum(had + budget0 - budget + emitted, table.shape[1] - 1)
+                draft = jnp.take_along_axis(table, index[:, None], axis=1)[:, 0]
             return j + 1, stacks, lengths + emitted, last, draft, budget - emitted, out_y, out_acc, out_ran
 
         def cond(carry):
@@ -143,10 +150,10 @@ class SpeculativeResult:
 
 def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_tokens: int, *,
                          max_len: int | None = None, cache_dtype=jnp.float32, min_bucket: int = 16,
-                         chunk: int = 8, draft_oracle: Callable[[int, int], int] | None = None) -> SpeculativeResult:
+                         chunk: int = 8, forced_drafts: np.ndarray | None = None) -> SpeculativeResult:
     """Greedy completions of `prompts` with MTP drafts, up to `chunk` verify steps per compiled
-    call. `draft_oracle(row, i)`, tests only, replaces the MTP's draft for row's completion
-    token i (to force acceptance or rejection; one step per call)."""
+    call. `forced_drafts` [B, W], tests only: entry [row, i] replaces the MTP's draft for row's
+    completion token i (i < W; to force acceptance or rejection)."""
     w = Weights.of(model_or_state)
     cfg = w.cfg
     if cfg.num_nextn_predict_layers < 1:
@@ -166,22 +173,18 @@ def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_t
     cache, last, draft = _prefill(w.graphdef, placement, w.params, w.extra, w.layers, cache, tokens, lengths)
     out = [[int(x)] for x in np.asarray(last)]
     steps = drafts = accepted_total = 0
-    chunk = 1 if draft_oracle is not None else chunk
-
-    def oracle(draft):
-        if draft_oracle is None:
-            return draft
-        return np.asarray([draft_oracle(r, len(out[r])) if len(out[r]) < max_tokens else 0 for r in range(b)], np.int32)
-
-    draft = oracle(draft)
+    if forced_drafts is not None:
+        forced_drafts = np.asarray(forced_drafts, np.int32)
+        draft = forced_drafts[:, min(1, forced_drafts.shape[1] - 1)]
     jax.block_until_ready(cache)
     start = time.perf_counter()
     while min(len(o) for o in out) < max_tokens:
         budget = np.asarray([max_tokens - len(o) for o in out], np.int32)
         reach = max(len(p) + len(o) for p, o in zip(prompts, out) if len(o) < max_tokens) + 2 * chunk + 1
         bucket = min(_pow2(reach, min_bucket), max_len)
+        forced = None if forced_drafts is None else (forced_drafts, np.asarray([len(o) for o in out], np.int32))
         cache, y, accepted, ran, last, draft = _verify_chunk(w.graphdef, placement, chunk, bucket, w.params,
-                                                             w.extra, w.layers, cache, last, draft, budget)
+                                                             w.extra, w.layers, cache, last, draft, budget, forced)
         y, accepted, ran = np.asarray(y), np.asarray(accepted), np.asarray(ran)
         steps += int(ran.any(axis=0).sum())
         for r in range(b):
@@ -189,6 +192,5 @@ def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_t
                 drafts += 1
                 accepted_total += int(accepted[r, j])
                 out[r] += [int(y[r, j, 0]), int(y[r, j, 1])] if accepted[r, j] else [int(y[r, j, 0])]
-        draft = oracle(draft)
     seconds = time.perf_counter() - start
     return SpeculativeResult([o[:max_tokens] for o in out], steps, drafts, accepted_total, seconds)

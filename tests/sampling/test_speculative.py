@@ -1,7 +1,8 @@
 """MTP speculative decoding: greedy output identical to plain greedy decoding, whether drafts
-are the MTP's own, always right or always wrong."""
+are the MTP's own, always right, always wrong, or right for one row only."""
 
 import jax.numpy as jnp
+import numpy as np
 
 from r1jax.sampling.engine import SamplingParams, generate
 from r1jax.sampling.speculative import speculative_generate
@@ -21,9 +22,16 @@ def test_speculative_greedy_equals_plain_greedy():
     assert mtp.tokens == plain
     assert mtp.steps < TOKENS or mtp.acceptance_rate == 0
     # Drafts forced right: every draft accepted, two tokens a step, same output.
-    right = speculative_generate(model, ps, TOKENS, max_len=256, draft_oracle=lambda r, i: plain[r][i])
+    # Forced drafts change on device within each compiled call of `chunk` steps.
+    table = np.asarray(plain, np.int32)
+    right = speculative_generate(model, ps, TOKENS, max_len=256, forced_drafts=table)
     assert right.tokens == plain and right.acceptance_rate == 1.0 and right.steps == TOKENS // 2
     # Forced wrong: nothing accepted, one token a step, same output.
-    wrong = speculative_generate(model, ps, TOKENS, max_len=256,
-                                 draft_oracle=lambda r, i: (plain[r][i] + 1) % model.cfg.vocab_size)
+    wrong = speculative_generate(model, ps, TOKENS, max_len=256, forced_drafts=(table + 1) % model.cfg.vocab_size)
     assert wrong.tokens == plain and wrong.accepted == 0 and wrong.steps == TOKENS - 1
+    # Right for one row, wrong for the other: rows advance at their own pace, in a call of one
+    # step or of eight.
+    mixed = np.stack([table[0], (table[1] + 1) % model.cfg.vocab_size])
+    for chunk in (1, 8):
+        both = speculative_generate(model, ps, TOKENS, max_len=256, forced_drafts=mixed, chunk=chunk)
+        assert both.tokens == plain and both.accepted == TOKENS // 2 and both.steps == TOKENS - 1, chunk
