@@ -37,6 +37,7 @@ class Routing(NamedTuple):
     weights: jax.Array  # [N, K] combine weights (f32)
     experts: jax.Array  # [N, K] int32 chosen experts
     scores: jax.Array  # [N, E] f32 sigmoid / softmax scores (no bias)
+    mask: jax.Array | None = None  # [N] bool, the real tokens (None: all); capacity dispatch serves them first
 
 
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
@@ -289,6 +290,8 @@ class MoE(nnx.Module):
         flat_mask = None if mask is None else mask.reshape(b * t)
         logits = jnp.einsum("ND,DE->NE", flat.astype(jnp.float32), self.gate[...])
         routing = route(logits, self.bias[...] if hasattr(self, "bias") else None, self.cfg)
+        if flat_mask is not None:
+            routing = routing._replace(mask=flat_mask)
         y, metrics = _EXPERT_FN.get()(
             flat, routing, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt)
         )

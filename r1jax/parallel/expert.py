@@ -14,7 +14,8 @@ weights (E_l = E / ep) are the local slices.
 
 Modes:
   capacity  every source shard gives each expert C = ceil(capacity_factor * N * K / E) slots,
-            filled by (token, k) pairs in token order; pairs past C are dropped (they add zero).
+            filled by (token, k) pairs in token order, the real tokens' (`Routing.mask`) before
+            padding's; pairs past C are dropped (they add zero).
             Buffers [E, C, D] go to the owners with `all_to_all`, the owners run their experts
             as batched einsums, and `all_to_all` brings the rows back. Static shapes everywhere.
   dropless  pairs sorted by expert travel with `ragged_all_to_all` (sizes exchanged first with
@@ -23,7 +24,7 @@ Modes:
             C = N (a token picks an expert at most once, so nothing can drop), warning once.
 With an expert axis of size 1 no tokens move: both modes run `dropless_experts` locally.
 
-Metric (every mode): `dropped_fraction`, dropped pairs / all pairs over the global batch.
+Metric (every mode): `dropped_fraction`, dropped real pairs / real pairs over the global batch.
 """
 
 from __future__ import annotations
@@ -72,13 +73,16 @@ def _swiglu_einsum(x, w_gate, w_up, w_down):
     return jnp.einsum("SECF,EFD->SECD", h, w_down)
 
 
-def _capacity_experts(x, experts, weights, w_gate, w_up, w_down, *, capacity: int, axis, ep: int):
-    """One shard's tokens through capacity-limited expert buffers -> (y partial over F, dropped pairs)."""
+def _capacity_experts(x, experts, weights, real, w_gate, w_up, w_down, *, capacity: int, axis, ep: int):
+    """One shard's tokens through capacity-limited expert buffers; real [N] bool: tokens that
+    take slots before padding does -> (y partial over F, dropped real pairs)."""
     n, k = experts.shape
     d, e = x.shape[-1], ep * w_gate.shape[0]
     flat = experts.reshape(-1)  # [N*K] in token order, then k order
+    padding = ~jnp.repeat(real, k)
     with jax.named_scope("permute"):
-        order = jnp.argsort(flat, stable=True)
+        # By expert, real pairs before padding (GRPO batches are ~40% padding), then token order.
+        order = jnp.argsort(flat * 2 + padding, stable=True)
         sizes = jnp.bincount(flat, length=e)
         starts = _exclusive_cumsum(sizes)
         # Slot (e, c) holds the c-th pair routed to e (in token order), if there is one.
@@ -97,7 +101,7 @@ def _capacity_experts(x, experts, weights, w_gate, w_up, w_down, *, capacity: in
         rows = out.reshape(e * capacity, d)[flat * capacity + jnp.minimum(pos, capacity - 1)]
         y = jnp.where(keep[:, None], rows, 0).reshape(n, k, d)
         y = jnp.einsum("NKD,NK->ND", y, weights.astype(y.dtype))
-    return y, jnp.sum(~keep)
+    return y, jnp.sum(~keep & ~padding)
 
 
 def _ragged_experts(x, experts, weights, w_gate, w_up, w_down, *, axis, ep: int) -> jax.Array:
@@ -148,7 +152,6 @@ def make_expert_fn(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes], *, mode:
     names = mesh.axis_names
     tok_spec = P(to_pspec(("batch",), rules, names)[0], None)  # x [N, D], routing [N, K]
     batch_axes = _axes(tok_spec[0])
-    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
     up_spec = to_pspec(("experts", "embed", "mlp"), rules, names)  # w_gate, w_up [E, D, F]
     down_spec = to_pspec(("experts", "mlp", "embed"), rules, names)  # w_down [E, F, D]
     expert_axes, model_axes = _axes(up_spec[0]), _axes(up_spec[2])
@@ -163,7 +166,7 @@ def make_expert_fn(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes], *, mode:
                         "capacity = local tokens (nothing drops, E/K x the buffer)", jax.default_backend())
         _warned_cpu_fallback = True
 
-    def local(x, expert_ids, weights, w_gate, w_up, w_down):
+    def local(x, expert_ids, weights, real, w_gate, w_up, w_down):
         if fsdp_up:  # fsdp: the weights' D is split over data; gather it for this layer only
             w_gate, w_up = (jax.lax.all_gather(w, fsdp_up, axis=1, tiled=True) for w in (w_gate, w_up))
         if fsdp_down:
@@ -177,23 +180,26 @@ def make_expert_fn(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes], *, mode:
         else:
             e = ep * w_gate.shape[0]
             c = (expert_capacity(n, k, e, capacity_factor) if mode == "capacity" else dropless_fallback_capacity(n))
-            y, dropped = _capacity_experts(x, expert_ids, weights, w_gate, w_up, w_down, capacity=c, axis=axis, ep=ep)
+            y, dropped = _capacity_experts(x, expert_ids, weights, real, w_gate, w_up, w_down, capacity=c, axis=axis,
+                                           ep=ep)
         if model_axes:
             y = jax.lax.psum(y, model_axes)  # F was split: every model shard holds a partial sum
         if dropped is None:
             return y, jnp.zeros((), jnp.float32)
         # Tokens are split over the batch axes only (replicated over the rest): summing over them
         # counts every pair of the global batch exactly once.
-        return y, jax.lax.psum(dropped, batch_axes).astype(jnp.float32) / (n * batch_shards * k)
+        real_pairs = jax.lax.psum(jnp.sum(real) * k, batch_axes)
+        return y, jax.lax.psum(dropped, batch_axes).astype(jnp.float32) / jnp.maximum(real_pairs, 1)
 
     mapped = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(tok_spec, tok_spec, tok_spec, up_spec, up_spec, down_spec),
+        in_specs=(tok_spec, tok_spec, tok_spec, P(tok_spec[0]), up_spec, up_spec, down_spec),
         out_specs=(tok_spec, P()),
     )
 
     def expert_fn(x, routing: Routing, w_gate, w_up, w_down) -> tuple[jax.Array, dict]:
-        y, dropped_fraction = mapped(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+        real = jnp.ones(x.shape[:1], bool) if routing.mask is None else routing.mask
+        y, dropped_fraction = mapped(x, routing.experts, routing.weights, real, w_gate, w_up, w_down)
         return y, {"dropped_fraction": dropped_fraction}
 
     return expert_fn

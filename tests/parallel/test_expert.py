@@ -54,23 +54,29 @@ def _assert_matches_reference(y, grads):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
 
 
-def _numpy_capacity_reference(shards: int, capacity: int):
-    """Per source shard, pairs past `capacity` for an expert (token order, then k) are dropped."""
+def _numpy_capacity_reference(shards: int, capacity: int, real=None, real_first: bool = True):
+    """Per source shard, pairs past `capacity` for an expert (token order, then k; the real
+    tokens' before padding's unless not real_first) are dropped -> (y, dropped real pairs /
+    real pairs)."""
     x, (wg, wu, wd) = np.asarray(X, np.float64), (np.asarray(w, np.float64) for w in WS)
     experts, weights = np.asarray(ROUTING.experts), np.asarray(ROUTING.weights, np.float64)
+    real = np.ones(N, bool) if real is None else real
     y, dropped, n_local = np.zeros((N, D)), 0, N // shards
     for s in range(shards):
         count = np.zeros(E, int)
-        for t in range(s * n_local, (s + 1) * n_local):
+        tokens = range(s * n_local, (s + 1) * n_local)
+        if real_first:
+            tokens = [t for t in tokens if real[t]] + [t for t in tokens if not real[t]]
+        for t in tokens:
             for k in range(K):
                 e = experts[t, k]
                 count[e] += 1
                 if count[e] > capacity:
-                    dropped += 1
+                    dropped += int(real[t])
                     continue
                 g, u = x[t] @ wg[e], x[t] @ wu[e]
                 y[t] += weights[t, k] * ((g / (1 + np.exp(-g)) * u) @ wd[e])
-    return y, dropped / (N * K)
+    return y, dropped / (real.sum() * K)
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -89,6 +95,22 @@ def test_capacity_matches_dropless_and_counts_drops(shape):
     assert ref_fraction > 0.05
     np.testing.assert_allclose(float(metrics["dropped_fraction"]), ref_fraction, rtol=1e-6)
     np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)])
+def test_capacity_serves_real_tokens_before_padding(shape):
+    """With `Routing.mask`, padding takes the slots real tokens leave: the first half of every
+    shard's tokens is padding, which in token order alone would fill the slots first."""
+    mesh, rules = _mesh(shape), rules_for()
+    shards = shape[0] * shape[1]
+    real = (np.arange(N) % (N // shards)) >= N // shards // 2
+    fn = expert.make_expert_fn(mesh, rules, mode="capacity", capacity_factor=1.0)
+    y, metrics = jax.jit(fn)(X, ROUTING._replace(mask=jnp.asarray(real)), *WS)
+    ref_y, ref_fraction = _numpy_capacity_reference(shards, expert.expert_capacity(N // shards, K, E, 1.0), real)
+    _, token_order = _numpy_capacity_reference(shards, expert.expert_capacity(N // shards, K, E, 1.0), real, False)
+    np.testing.assert_allclose(y[real], ref_y[real], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["dropped_fraction"]), ref_fraction, rtol=1e-6)
+    assert ref_fraction < token_order  # in token order alone, padding would have taken real tokens' slots
 
 
 def test_capacity_rules():
