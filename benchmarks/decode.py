@@ -15,7 +15,7 @@ which XLA:CPU runs several times slower than float32). torch gets one intra-op t
 this process may use (`--torch-threads`); on a loaded machine multi-threaded torch can be 10x
 slower than one thread (spinning barriers), so pin with `taskset` for a like-for-like run.
 
-  prefill tok/s   8 prompts x --prefill-len tokens, one call, best of 2 (r1jax: `engine.prefill`;
+  prefill tok/s   8 prompts x --prefill-len tokens, one call, best of 3 (r1jax: `engine.prefill`;
                   HF: one forward with use_cache=True, logits of the last token only)
   decode tok/s    batch 1 and 16 after a 16-token prompt, greedy, --steps tokens per row.
                   r1jax: `Engine.step` (host loop included), --decode-chunk tokens per compiled
@@ -75,7 +75,7 @@ from r1jax.sampling.speculative import speculative_generate
 DECODE_PROMPT = 16  # prompt length before the decode measurements (both frameworks)
 PREFILL_ROWS = 8
 BATCHES = (1, 16)
-REPEATS = 2  # decode timings: best of this many (both frameworks)
+REPEATS = 3  # decode and prefill timings: best of this many (both frameworks)
 
 # One layer with DeepSeek-V3's attention shapes; a small dense FFN and vocab keep it cheap.
 V3_ATTENTION = ModelConfig(
