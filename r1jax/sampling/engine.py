@@ -44,12 +44,13 @@ the cache rows are copied to the other slots, then each samples its own continua
 On a single CPU device the engine keeps a per-layer copy of the stacks' weights
 (`Weights.unstacked`: XLA:CPU copies whatever a dot reads from a slice of a stacked array, so a
 scanned step would copy every layer's weights first), with W_kvb's halves stored heads-first for
-the absorbed dots, and runs its layers one after another instead of scanning. Its decode runs
-the routed experts of its few tokens with `small_batch_experts` (gathered pairs, per-expert
-buckets or every expert, by size). Sampling's per-token hashes are unrolled (`rng`). Together
-(this CPU, f32, against the scanned stack): small-moe batch 1 15.9 -> ~30 tokens/s, batch 16
-61 -> ~120; tiny-moe batch 1 1,453 -> ~2,700, batch 16 7,944 -> ~11,000, 64 slots ~9,500 ->
-~13,000.
+the absorbed dots and tiny experts as one dense matrix pair (`_decode_layout`), and runs its
+layers one after another instead of scanning. Its decode runs the routed experts of its few
+tokens with `small_batch_experts` (gathered pairs, per-expert buckets, every expert, or the
+dense pair, by size). Sampling's per-token hashes are unrolled (`rng`), and its argmax is two
+plain reductions. Together (this CPU, f32, against the scanned stack): small-moe batch 1 15.9 ->
+~28-32 tokens/s, batch 16 61 -> ~120; tiny-moe batch 1 1,453 -> ~2,800, batch 16 7,944 ->
+~12,500, 64 slots ~9,500 -> ~15,000.
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
