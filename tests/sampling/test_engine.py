@@ -268,6 +268,17 @@ def test_sampler_truncation_and_distribution_against_numpy():
     np.testing.assert_array_equal(np.asarray(mixed)[::2], toks[::2])
 
 
+def test_argmax_first_equals_numpy_with_ties_and_infinities():
+    """The sampler's argmax (two plain reductions) is NumPy's: the first maximum, also when a row's
+    maximum repeats, and with -inf entries (masked logits)."""
+    x = np.random.default_rng(0).integers(-3, 4, (64, 37)).astype(np.float32)  # many ties
+    x[::5, ::3] = -np.inf
+    x[1] = -np.inf  # a row with nothing but -inf
+    got = jax.jit(eng.argmax_first)(x)
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
+    assert got.dtype == jnp.int32
+
+
 @pytest.mark.parametrize("unstacked", [False, True])
 def test_decode_updates_the_cache_in_place(unstacked):
     """The compiled decode loop holds no copy of any cache array: each layer writes its entries
