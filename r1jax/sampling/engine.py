@@ -364,11 +364,15 @@ def _loop_stack(blocks, layer_states, bits: dict, rows, x, positions, s: int, dt
     block after another."""
     graphdef = nnx.graphdef(blocks)
     for i, (layer_state, layout) in enumerate(layer_states):
-        head_major = {k: layout[k] for k in ("k", "v") if k in layout}
         with _layer_experts(layout):
             x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
-                                   _layer_cache(bits, i, rows, positions, s, dtype), absorbed, head_major)
+                                   _layer_cache(bits, i, rows, positions, s, dtype), absorbed, _head_major(layout))
     return x, bits
+
+
+def _head_major(layout: dict) -> dict:
+    """The W_kvb halves of a `_decode_layout` ({} for GQA), as `mla_absorbed` takes them."""
+    return {k: layout[k] for k in ("k", "v") if k in layout}
 
 
 @contextlib.contextmanager

@@ -37,8 +37,8 @@ from flax import nnx
 from r1jax.model.decoder import Decoder
 from r1jax.sampling.cache import Cache, init_cache
 from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_layout, _decode_placement,
-                                   _layer_cache, _layer_experts, _pow2, _unbits, argmax_first, block_cached,
-                                   forward_cached)
+                                   _head_major, _layer_cache, _layer_experts, _pow2, _unbits, argmax_first,
+                                   block_cached, forward_cached)
 
 
 def _mtp_layout(model: Decoder) -> dict:
@@ -58,8 +58,7 @@ def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: 
     cache_io = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
     layout = layout or {}
     with _layer_experts(layout):
-        h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed,
-                                        {k: layout[k] for k in ("k", "v") if k in layout})
+        h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed, _head_major(layout))
     return model.head(layer.norm(h)), stacks
 
 
