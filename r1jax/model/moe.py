@@ -157,7 +157,7 @@ def _blocked_experts(x, routing: Routing, w_gate, w_up, w_down):
     return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype))
 
 
-def small_batch_experts(x, routing, w_gate, w_up, w_down, *, dense: dict | None = None):
+def small_batch_experts(x, routing, w_gate, w_up, w_down):
     """`dropless_experts` for a few tokens on CPU, by size:
       fewer (token, expert) pairs than half the experts: each pair's weights gathered and
         applied as a matvec (a gather copies, so reading all experts in place costs about as
@@ -166,20 +166,16 @@ def small_batch_experts(x, routing, w_gate, w_up, w_down, *, dense: dict | None 
       more, with experts so small that op count, not memory, is the cost (tiny-moe): every
         token through every expert as one batched matmul per projection, then each token's K
         outputs picked and weighted.
-    Once `dropless_experts` would compute fewer rows than every-expert, it takes over, unless
-    `dense` (`dense_expert_weights`, experts of at most 2^18 weights) is given: every expert as
-    two plain matmuls (`_dense_experts`), which beats the blocked kernel there.
+    Once `dropless_experts` would compute fewer rows than every-expert, it takes over. The
+    engine's per-layer decode runs tiny experts past the pairs branch as `dense_moe` instead.
     Small-moe shapes (32 experts of 768 x 384, 11 layers, per-layer arrays, uniform random
     routing): batch 1 pairs / every expert / blocks 16 / 41 / 44 ms; batch 16 bucketed / every
-    expert / blocks 93 / 109 / 289 ms. Tiny-moe (16 experts of 128 x 64), one decode step:
-    16 slots every-expert / dense 1.07 / 1.18 ms, 64 slots blocked / dense 3.57 / 3.23 ms."""
+    expert / blocks 93 / 109 / 289 ms."""
     n, k = routing.experts.shape
     e, d, f = w_gate.shape
     if 2 * n * k < e:
         return _pair_experts(x, routing, w_gate, w_up, w_down), {}
     if n * e > n * k + 32 * min(e, n * k):
-        if dense is not None and e * d * f <= 1 << 18:
-            return _dense_experts(x, routing, dense["gate_up"], dense["down"], e), {}
         return dropless_experts(x, routing, w_gate, w_up, w_down)
     if e * d * f > 1 << 18:
         return _bucketed_experts(x, routing, w_gate, w_up, w_down), {}
@@ -190,23 +186,31 @@ def small_batch_experts(x, routing, w_gate, w_up, w_down, *, dense: dict | None 
     return jnp.einsum("NKD,NK->ND", picked, routing.weights.astype(y.dtype)), {}
 
 
-def dense_expert_weights(w_gate, w_up, w_down) -> dict:
-    """Experts [E,D,F], [E,D,F], [E,F,D] as `_dense_experts` reads them: gate_up [D, 2EF]
-    (gate columns e*F + j, then up's), down [EF, D]."""
+def dense_moe_weights(w_gate, w_up, w_down, shared: tuple | None = None) -> dict:
+    """Routed experts [E,D,F], [E,D,F], [E,F,D] and the shared expert's (gate [D,S], up [D,S],
+    down [S,D]; None: none) as `dense_moe` reads them: gate_up [D, 2M] (routed gate columns
+    e*F + j, the shared gate's, then the same for up), down [M, D]; M = EF + S."""
     e, d, f = w_gate.shape
     cols = lambda w: jnp.transpose(w, (1, 0, 2)).reshape(d, e * f)  # noqa: E731
-    return {"gate_up": jnp.concatenate([cols(w_gate), cols(w_up)], axis=1), "down": w_down.reshape(e * f, d)}
+    sg, su, sd = shared if shared is not None else (w_gate[0, :, :0], w_up[0, :, :0], w_down[0, :0])
+    return {"gate_up": jnp.concatenate([cols(w_gate), sg, cols(w_up), su], axis=1),
+            "down": jnp.concatenate([w_down.reshape(e * f, d), sd], axis=0)}
 
 
-def _dense_experts(x, routing: Routing, gate_up, down, e: int):
-    """x [N, D] through all e experts as two plain matmuls: h [N, E, F] = silu(x W_gate) * x W_up,
-    scaled per expert by the token's combine weight (0 off its K), then [N, EF] x [EF, D]."""
-    n = x.shape[0]
-    ef = down.shape[0]
-    gu = jnp.einsum("ND,DM->NM", x, gate_up).reshape(n, 2, e, ef // e)
+def dense_moe(x, routing: Routing, gate_up, down, e: int, f: int):
+    """x [N, D] through all e routed experts of hidden f and the shared expert
+    (`dense_moe_weights`) as two plain matmuls: h [N, M] = silu(x W_gate) * x W_up, routed
+    columns scaled by the token's combine weight for their expert (0 off its K), shared ones by
+    1, then [N, M] x [M, D]: two dots where the batched kernels and the shared MLP take six.
+    Tiny-moe decode: routed experts alone this way took 3.57 against 3.23 ms a step for the
+    blocked kernel at 64 slots; at 16 slots this is within noise of the every-expert kernel
+    plus the shared MLP (in-process A/B, 2.9-3.7 ms a step both)."""
+    n, m = x.shape[0], down.shape[0]
+    gu = jnp.einsum("ND,DM->NM", x, gate_up.astype(x.dtype)).reshape(n, 2, m // f, f)  # shared width: f multiples
     combine = jnp.sum(jnp.where(routing.experts[:, :, None] == jnp.arange(e), routing.weights[:, :, None], 0.0), 1)
-    h = jax.nn.silu(gu[:, 0]) * gu[:, 1] * combine.astype(x.dtype)[:, :, None]
-    return jnp.einsum("NM,MD->ND", h.reshape(n, ef), down)
+    scale = jnp.concatenate([combine, jnp.ones((n, m // f - e), combine.dtype)], axis=1)  # [N, E + shared]
+    h = jax.nn.silu(gu[:, 0]) * gu[:, 1] * scale.astype(x.dtype)[:, :, None]
+    return jnp.einsum("NM,MD->ND", h.reshape(n, m), down.astype(x.dtype))
 
 
 def _pair_experts(x, routing: Routing, w_gate, w_up, w_down):
@@ -279,6 +283,11 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, f * cfg.n_shared_experts, rngs=rngs)
 
+    def routing(self, x: jax.Array) -> Routing:
+        """x [N,D] -> the routing of its tokens (`route`)."""
+        logits = jnp.einsum("ND,DE->NE", x.astype(jnp.float32), self.gate[...])
+        return route(logits, self.bias[...] if hasattr(self, "bias") else None, self.cfg)
+
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x [B,T,D] -> (y [B,T,D], stats: loads [E], balance_loss [], plus the dispatch's metrics).
         mask [B,T] (None: all): the real tokens. Padding is still computed but never counts in the
@@ -288,8 +297,7 @@ class MoE(nnx.Module):
         dt = self.dtype
         flat = x.reshape(b * t, d)
         flat_mask = None if mask is None else mask.reshape(b * t)
-        logits = jnp.einsum("ND,DE->NE", flat.astype(jnp.float32), self.gate[...])
-        routing = route(logits, self.bias[...] if hasattr(self, "bias") else None, self.cfg)
+        routing = self.routing(flat)
         if flat_mask is not None:
             routing = routing._replace(mask=flat_mask)
         y, metrics = _EXPERT_FN.get()(

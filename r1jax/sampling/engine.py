@@ -44,13 +44,15 @@ the cache rows are copied to the other slots, then each samples its own continua
 On a single CPU device the engine keeps a per-layer copy of the stacks' weights
 (`Weights.unstacked`: XLA:CPU copies whatever a dot reads from a slice of a stacked array, so a
 scanned step would copy every layer's weights first), with W_kvb's halves stored heads-first for
-the absorbed dots and tiny experts as one dense matrix pair (`_decode_layout`), and runs its
-layers one after another instead of scanning. Its decode runs the routed experts of its few
-tokens with `small_batch_experts` (gathered pairs, per-expert buckets, every expert, or the
-dense pair, by size). Sampling's per-token hashes are unrolled (`rng`), and its argmax is two
-plain reductions. Together (this CPU, f32, against the scanned stack): small-moe batch 1 15.9 ->
-~28-32 tokens/s, batch 16 61 -> ~120; tiny-moe batch 1 1,453 -> ~2,800, batch 16 7,944 ->
-~12,500, 64 slots ~9,500 -> ~15,000.
+the absorbed dots and tiny experts, with the shared one, as one dense matrix pair
+(`_decode_layout`), and runs its layers one after another instead of scanning. Its decode runs
+the routed experts of its few tokens with `small_batch_experts` (gathered pairs, per-expert
+buckets or every expert, by size), or tiny ones past the pairs range as `dense_moe`. Sampling's
+per-token hashes are unrolled (`rng`), and its argmax is two plain reductions. Together (a
+faster CPU than today's, f32, against the scanned stack): small-moe batch 1 15.9 -> ~28-32
+tokens/s, batch 16 61 -> ~120; tiny-moe batch 1 1,453 -> ~2,800, batch 16 7,944 -> ~12,500,
+64 slots ~9,500 -> ~15,000. On CPU every compiled step is built without XLA's YNNPACK fusions
+(`sampling_jit`).
 
 Departures / left out: no prefix cache across admissions, no paged cache (one max_len row per
 slot), no pipelining of host bookkeeping with the next device call.
@@ -76,7 +78,7 @@ from r1jax.config import ModelConfig
 from r1jax.model.decoder import Decoder
 from r1jax.model.layers import attend
 from r1jax.model.mla import MLA
-from r1jax.model.moe import MoE, current_expert_fn, dense_expert_weights, small_batch_experts, use_expert_fn
+from r1jax.model.moe import MoE, current_expert_fn, dense_moe, dense_moe_weights, small_batch_experts, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes, constrain
 from r1jax.sampling.cache import Cache, cache_shardings, init_cache
@@ -165,18 +167,19 @@ def _unstack_states(stacks: dict) -> dict:
 def _decode_layout(blocks) -> dict:
     """A block's (or a stack's, leading Y) arrays in the layouts the per-layer decode reads:
     W_kvb's halves heads-first, k [Y,H,N,L], v [Y,H,L,V] (stored [Y,L,H,N] / [Y,L,H,V]: XLA:CPU
-    would transpose both at every step, ~15% of small-moe's decode at batch 1; none for GQA), and
-    routed experts of at most 2^18 weights each as `dense_expert_weights` ("experts": two plain
-    matmuls where `small_batch_experts` would take the blocked kernel; tiny-moe's 64-slot GRPO
-    rollouts: 3.57 -> 3.23 ms a decode step). The tiny experts' copy costs ~1.5 MB a layer."""
+    would transpose both at every step, ~15% of small-moe's decode at batch 1; none for GQA);
+    routed experts of at most 2^18 weights each, with the shared expert, as `dense_moe_weights`
+    ("experts", see `_ffn`; tiny-moe: ~1.7 MB a layer)."""
     out = {}
     if isinstance(blocks.attn, MLA):
         out["k"] = jnp.moveaxis(blocks.attn.wkv_b_k[...], -3, -1)
         out["v"] = jnp.swapaxes(blocks.attn.wkv_b_v[...], -3, -2)
     ffn = blocks.ffn
     if isinstance(ffn, MoE) and math.prod(ffn.w_gate.shape[-3:]) <= 1 << 18:
-        ws = (ffn.w_gate[...], ffn.w_up[...], ffn.w_down[...])
-        out["experts"] = (dense_expert_weights if ws[0].ndim == 3 else jax.vmap(dense_expert_weights))(*ws)
+        shared = (ffn.shared.gate_proj[...], ffn.shared.up_proj[...], ffn.shared.down_proj[...]) \
+            if ffn.cfg.n_shared_experts else None
+        fn = dense_moe_weights if ffn.w_gate.ndim == 3 else jax.vmap(dense_moe_weights)
+        out["experts"] = fn(ffn.w_gate[...], ffn.w_up[...], ffn.w_down[...], shared)
     return out
 
 
@@ -225,12 +228,12 @@ def _mask(positions: jax.Array, s: int) -> jax.Array:
     return (jnp.arange(s)[None, None, :] <= positions[:, :, None])[:, None]
 
 
-def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, head_major: dict | None = None) -> jax.Array:
+def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, layout: dict | None = None) -> jax.Array:
     """Attention over the latent. q_nope [B,T,H,N], q_rope [B,T,H,R], c [B,S,L], k_rope [B,S,R],
-    mask [B,1,T,S] -> [B,T,D]. head_major: W_kvb's halves as k [H,N,L], v [H,L,V] (`_decode_layout`)."""
+    mask [B,1,T,S] -> [B,T,D]. layout (`_decode_layout`): W_kvb's halves as k [H,N,L], v [H,L,V]."""
     dt = attn.dtype
-    if head_major:
-        q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, head_major["k"].astype(dt))
+    if layout:
+        q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, layout["k"].astype(dt))
     else:
         q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, attn.wkv_b_k[...].astype(dt))
     b, t, h, _ = q_lat.shape
@@ -242,8 +245,8 @@ def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, head_major: dict | 
     logits = jnp.where(visible, logits * attn.scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out_lat = jnp.einsum("BGS,BSL->BGL", probs, c).reshape(b, t, h, -1)
-    if head_major:
-        out = jnp.einsum("BTHL,HLV->BTHV", out_lat, head_major["v"].astype(dt))
+    if layout:
+        out = jnp.einsum("BTHL,HLV->BTHV", out_lat, layout["v"].astype(dt))
     else:
         out = jnp.einsum("BTHL,LHV->BTHV", out_lat, attn.wkv_b_v[...].astype(dt))
     return jnp.einsum("BTHV,HVD->BTD", out, attn.wo[...].astype(dt))
@@ -272,12 +275,28 @@ def gqa_cached(attn, q, k, v, mask) -> jax.Array:
     return attn.output(out)
 
 
-def _ffn_residual(block, x, a):
+def _ffn_residual(block, x, a, layout: dict):
     """The rest of `Block.__call__` after the attention output a [B,T,D]."""
     x = x + a
-    h = block.post_attn_norm(x)
-    y = block.ffn(h)[0] if isinstance(block.ffn, MoE) else block.ffn(h)
-    return constrain(x + y, ("batch", "length", "embed"))
+    return constrain(x + _ffn(block.ffn, block.post_attn_norm(x), layout), ("batch", "length", "embed"))
+
+
+def _ffn(ffn, h, layout: dict):
+    """The block's FFN over h [B,T,D]. In the single-device decode (`small_batch_experts` in
+    use), an MoE layer with a dense layout (`_decode_layout`) past the gathered-pairs range runs
+    as `dense_moe`: the router, then two dots for the routed and shared experts together."""
+    if isinstance(ffn, MoE):
+        b, t, d = h.shape
+        cfg = ffn.cfg
+        if ("experts" in layout and current_expert_fn() is small_batch_experts
+                and 2 * b * t * cfg.num_experts_per_tok >= cfg.n_routed_experts):
+            flat = h.reshape(b * t, d)
+            dense = layout["experts"]
+            y = dense_moe(flat, ffn.routing(flat), dense["gate_up"], dense["down"], cfg.n_routed_experts,
+                          cfg.moe_intermediate_size)
+            return y.reshape(b, t, d)
+        return ffn(h)[0]
+    return ffn(h)
 
 
 # One forward over the cache, for prefill chunks, decode steps and speculative verification.
@@ -300,7 +319,7 @@ def _unbits(a: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
-def _cached_attention(attn, h, positions, cache_io, absorbed: bool, head_major: dict | None = None):
+def _cached_attention(attn, h, positions, cache_io, absorbed: bool, layout: dict):
     """h [B,T,D] at positions [B,T] over one layer's cache -> (out [B,T,D], updated cache arrays).
     cache_io (`_layer_cache`): new entries {name: [B,T,...]} -> (the layer's cache prefix {name:
     [B,S,...]} with them written, the updated arrays). Entry s is visible to a query at position
@@ -315,15 +334,16 @@ def _cached_attention(attn, h, positions, cache_io, absorbed: bool, head_major: 
     if not isinstance(attn, MLA):
         return gqa_cached(attn, attn.query(h, positions), seen["k"], seen["v"], mask), bits
     if absorbed:
-        return mla_absorbed(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask, head_major), bits
+        return mla_absorbed(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask, layout), bits
     return mla_naive(attn, q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask), bits
 
 
-def block_cached(block, x, positions, cache_io, absorbed: bool, head_major: dict | None = None):
+def block_cached(block, x, positions, cache_io, absorbed: bool, layout: dict | None = None):
     """`Block.__call__` over one layer's cache (see `_cached_attention`) -> (x [B,T,D], updated
-    cache arrays)."""
-    a, bits = _cached_attention(block.attn, block.input_norm(x), positions, cache_io, absorbed, head_major)
-    return _ffn_residual(block, x, a), bits
+    cache arrays). layout: the layer's `_decode_layout` arrays (per-layer decode), or None."""
+    layout = layout or {}
+    a, bits = _cached_attention(block.attn, block.input_norm(x), positions, cache_io, absorbed, layout)
+    return _ffn_residual(block, x, a, layout), bits
 
 
 def _layer_cache(bits: dict, i, rows, positions, s: int, dtype):
@@ -364,25 +384,9 @@ def _loop_stack(blocks, layer_states, bits: dict, rows, x, positions, s: int, dt
     block after another."""
     graphdef = nnx.graphdef(blocks)
     for i, (layer_state, layout) in enumerate(layer_states):
-        with _layer_experts(layout):
-            x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
-                                   _layer_cache(bits, i, rows, positions, s, dtype), absorbed, _head_major(layout))
+        x, bits = block_cached(nnx.merge(graphdef, layer_state), x, positions,
+                               _layer_cache(bits, i, rows, positions, s, dtype), absorbed, layout)
     return x, bits
-
-
-def _head_major(layout: dict) -> dict:
-    """The W_kvb halves of a `_decode_layout` ({} for GQA), as `mla_absorbed` takes them."""
-    return {k: layout[k] for k in ("k", "v") if k in layout}
-
-
-@contextlib.contextmanager
-def _layer_experts(layout: dict):
-    """Decode's `small_batch_experts` with this layer's dense expert layout, if it has one."""
-    if "experts" in layout and current_expert_fn() is small_batch_experts:
-        with use_expert_fn(functools.partial(small_batch_experts, dense=layout["experts"])):
-            yield
-    else:
-        yield
 
 
 def forward_cached(model: Decoder, stacks: dict, tokens, positions, rows, s: int, dtype, absorbed: bool = True,
@@ -504,7 +508,27 @@ def _truncation_mask(scaled, top_k, top_p):
 # ----------------------------------------------------------------------------- compiled steps
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("cache", "logits_buf"))
+def sampling_jit(fn=None, **jit_kwargs):
+    """`jax.jit` for the sampling engine's compiled steps: on CPU they compile without XLA's
+    YNNPACK fusions, whose matmuls run slower here than XLA's own dot kernels at these shapes
+    (tiny-moe 16 slots: ~3.5 -> ~3.0 ms a decode step, in-process A/B, same tokens; prefill of
+    8 x 128 tokens: tiny-moe ~10k -> ~16.5k tokens/s, small-moe ~217 -> ~236). Other backends:
+    plain jit. The backend is read at call time, so importing this module initialises none."""
+    if fn is None:
+        return functools.partial(sampling_jit, **jit_kwargs)
+    plain = jax.jit(fn, **jit_kwargs)
+    cpu = jax.jit(fn, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}, **jit_kwargs)
+    pick = lambda: cpu if jax.default_backend() == "cpu" else plain  # noqa: E731
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return pick()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: pick().lower(*args, **kwargs)
+    return call
+
+
+@sampling_jit(static_argnums=(0, 1, 2), donate_argnames=("cache", "logits_buf"))
 def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, layers, cache: Cache, logits_buf,
                    tokens, start, rows, lengths):
     """One chunk of right-padded prompts: tokens [P,T] at positions start[p] + t of slots rows
@@ -546,10 +570,10 @@ def _cache_dtype(cache: Cache):
     return next(iter(next(iter(cache.stacks.values())).values())).dtype
 
 
-_decode_logits_jit = jax.jit(_decode_logits, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+_decode_logits_jit = sampling_jit(_decode_logits, static_argnums=(0, 1, 2), donate_argnames=("cache",))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
+@sampling_jit(static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
 def _decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, layers, cache: Cache,
                   tokens, active, temperature, top_k, top_p, seeds, sample_index, token_index, max_tokens, stop_ids):
     """The hot loop: up to `steps` decode + sample steps on device, attending over cache entries

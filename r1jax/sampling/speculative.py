@@ -25,7 +25,6 @@ batching (the batch starts and ends together), chunked prefill, MTP depth > 1.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Sequence
 
@@ -37,8 +36,8 @@ from flax import nnx
 from r1jax.model.decoder import Decoder
 from r1jax.sampling.cache import Cache, init_cache
 from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_layout, _decode_placement,
-                                   _head_major, _layer_cache, _layer_experts, _pow2, _unbits, argmax_first,
-                                   block_cached, forward_cached)
+                                   _layer_cache, _pow2, _unbits, argmax_first, block_cached, sampling_jit,
+                                   forward_cached)
 
 
 def _mtp_layout(model: Decoder) -> dict:
@@ -56,13 +55,11 @@ def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: 
     h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
     stacks = dict(stacks)
     cache_io = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
-    layout = layout or {}
-    with _layer_experts(layout):
-        h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed, _head_major(layout))
+    h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed, layout)
     return model.head(layer.norm(h)), stacks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+@sampling_jit(static_argnums=(0, 1), donate_argnames=("cache",))
 def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache, tokens, lengths):
     """Right-padded prompts [B,T] -> (cache, first token [B], first draft [B])."""
     with placement.active():
@@ -83,7 +80,7 @@ def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache
     return Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths), first, draft
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
+@sampling_jit(static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
 def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, layers, cache: Cache,
                   last, draft, budget, forced=None):
     """Up to `steps` verify + draft steps on device, attending over cache entries [:bucket].

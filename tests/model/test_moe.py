@@ -6,7 +6,6 @@ under test. Reference gradients are the dense formula's backward pass derived by
 with the (piecewise-constant) expert choice held fixed.
 """
 
-import functools
 import chex
 import jax
 import jax.numpy as jnp
@@ -377,14 +376,14 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     chex.assert_trees_all_close(grads, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n, f, same, dense", [(1, 6, False, False), (4, 6, False, False), (64, 6, False, False),
-                                                (64, 6, False, True), (8, 160, False, False), (8, 160, True, False)])
-def test_small_batch_experts_equal_per_token_numpy(n, f, same, dense):
+@pytest.mark.parametrize("n, f, same", [(1, 6, False), (4, 6, False), (64, 6, False), (8, 160, False),
+                                         (8, 160, True)])
+def test_small_batch_experts_equal_per_token_numpy(n, f, same):
     """Decode's expert kernel against a per-token NumPy sum over the chosen experts: n 1 takes
-    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel, or
-    with `dense` to two plain matmuls over every expert; experts of 8 x 160 take the bucketed
-    buffers, with every token on the same experts (same) filling the largest bucket."""
-    from r1jax.model.moe import dense_expert_weights, small_batch_experts  # noqa: PLC0415
+    the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel;
+    experts of 8 x 160 take the bucketed buffers, with every token on the same experts (same)
+    filling the largest bucket."""
+    from r1jax.model.moe import small_batch_experts  # noqa: PLC0415
 
     rng = np.random.default_rng(n)
     d, e, k = (8, 16, 4) if f == 6 else (128, 16, 4)
@@ -396,13 +395,29 @@ def test_small_batch_experts_equal_per_token_numpy(n, f, same, dense):
     wg, wu = (rng.standard_normal((2, e, d, f)) * d**-0.5).astype(np.float32)
     wd = rng.standard_normal((e, f, d)).astype(np.float32)
     routing = Routing(jnp.asarray(weights), jnp.asarray(chosen), jnp.zeros((n, e)))
-    layout = dense_expert_weights(wg, wu, wd) if dense else None
-    got, _ = jax.jit(functools.partial(small_batch_experts, dense=layout))(x, routing, wg, wu, wd)
+    got, _ = jax.jit(small_batch_experts)(x, routing, wg, wu, wd)
     want = np.zeros((n, d), np.float32)
     for t in range(n):
         for j, ex in enumerate(chosen[t]):
             gate = x[t] @ wg[ex]
             want[t] += weights[t, j] * ((gate / (1 + np.exp(-gate)) * (x[t] @ wu[ex])) @ wd[ex])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [V3_CFG, _cfg(n_shared_experts=0)], ids=["shared2", "noshared"])
+@pytest.mark.parametrize("n", [4, 24])
+def test_dense_moe_equals_numpy_moe(cfg, n):
+    """The decode's fused MoE (routed and shared experts as two plain matmuls over
+    `dense_moe_weights`) against the NumPy MoE of spec §3, two shared experts or none."""
+    from r1jax.model.moe import dense_moe, dense_moe_weights  # noqa: PLC0415
+
+    moe, w = _build(cfg, seed=11)
+    shared = (moe.shared.gate_proj[...], moe.shared.up_proj[...], moe.shared.down_proj[...]) \
+        if cfg.n_shared_experts else None
+    dense = dense_moe_weights(moe.w_gate[...], moe.w_up[...], moe.w_down[...], shared)
+    x = _input(12, (n, D))
+    got = jax.jit(lambda x: dense_moe(x, moe.routing(x), dense["gate_up"], dense["down"], E, F))(jnp.asarray(x))
+    want, _, _ = np_moe(x.astype(np.float64), w, cfg)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
