@@ -232,7 +232,7 @@ def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, layout: dict | None
     """Attention over the latent. q_nope [B,T,H,N], q_rope [B,T,H,R], c [B,S,L], k_rope [B,S,R],
     mask [B,1,T,S] -> [B,T,D]. layout (`_decode_layout`): W_kvb's halves as k [H,N,L], v [H,L,V]."""
     dt = attn.dtype
-    if layout:
+    if layout and "k" in layout:
         q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, layout["k"].astype(dt))
     else:
         q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, attn.wkv_b_k[...].astype(dt))
@@ -245,7 +245,7 @@ def mla_absorbed(attn: MLA, q_nope, q_rope, c, k_rope, mask, layout: dict | None
     logits = jnp.where(visible, logits * attn.scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out_lat = jnp.einsum("BGS,BSL->BGL", probs, c).reshape(b, t, h, -1)
-    if layout:
+    if layout and "k" in layout:
         out = jnp.einsum("BTHL,HLV->BTHV", out_lat, layout["v"].astype(dt))
     else:
         out = jnp.einsum("BTHL,LHV->BTHV", out_lat, attn.wkv_b_v[...].astype(dt))
