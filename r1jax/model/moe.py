@@ -202,8 +202,8 @@ def dense_moe(x, routing: Routing, gate_up, down, e: int, f: int):
     (`dense_moe_weights`) as two plain matmuls: h [N, M] = silu(x W_gate) * x W_up, routed
     columns scaled by the token's combine weight for their expert (0 off its K), shared ones by
     1, then [N, M] x [M, D]: two dots where the batched kernels and the shared MLP take six.
-    Tiny-moe decode: routed experts alone this way took 3.57 against 3.23 ms a step for the
-    blocked kernel at 64 slots; at 16 slots this is within noise of the every-expert kernel
+    Tiny-moe decode: routed experts alone this way took 3.23 ms a step at 64 slots against 3.57
+    for the blocked kernel (an earlier session); at 16 slots this is within noise of the every-expert kernel
     plus the shared MLP (in-process A/B, 2.9-3.7 ms a step both)."""
     n, m = x.shape[0], down.shape[0]
     gu = jnp.einsum("ND,DM->NM", x, gate_up.astype(x.dtype)).reshape(n, 2, m // f, f)  # shared width: f multiples
