@@ -188,6 +188,36 @@ class ModelConfig:
         return build(cls, data)
 
 
+# HF `model_type` -> (fields its config.json may leave out, fields its architecture fixes).
+HF_MODEL_TYPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "deepseek_v3": ({}, {}),
+    # V2 / V2-Lite: softmax scores, no correction bias; rope pairs interleaved (complex rotation)
+    "deepseek_v2": ({"topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+                    {"scoring_func": "softmax", "rope_interleave": True}),
+    "qwen2": ({}, {"qkv_bias": True, "rope_interleave": False}),  # Qwen2 always has q/k/v bias, o without
+    "llama": ({}, {"rope_interleave": False}),
+}
+HF_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+def model_config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """An HF config mapping (`config.json`, or transformers' `config.to_dict()`) -> `ModelConfig`,
+    float32 compute and parameters unless overridden. Errors name the unsupported key."""
+    model_type = hf.get("model_type")
+    _require(model_type in HF_MODEL_TYPES, "model_type",
+             f"{model_type!r} is not supported (known: {', '.join(HF_MODEL_TYPES)})")
+    archs = [a for a in hf.get("architectures") or [] if a not in HF_ARCHITECTURES]
+    _require(not archs, "architectures", f"{archs[0] if archs else ''} is not supported "
+                                         f"(known: {', '.join(HF_ARCHITECTURES)})")
+    _require(not hf.get("mlp_bias"), "mlp_bias", "biased MLPs are not supported")
+    _require(not hf.get("use_sliding_window"), "use_sliding_window", "sliding-window attention is not supported")
+    _require(not (model_type.startswith("deepseek") and hf.get("attention_bias")), "attention_bias",
+             "MLA with biases is not supported")
+    defaults, fixed = HF_MODEL_TYPES[model_type]
+    data = {**defaults, **{k: v for k, v in hf.items() if k != "dtype"}, **fixed}  # HF's dtype is storage
+    return ModelConfig.from_hf(data, **{"dtype": "float32", "param_dtype": "float32", **overrides})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh: named axes data / expert / model; one of them may be -1 ("the rest")."""

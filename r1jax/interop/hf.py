@@ -37,18 +37,11 @@ import numpy as np
 from flax import nnx
 
 from r1jax.config import ModelConfig
+from r1jax.config import model_config_from_hf as config_from_hf  # noqa: F401  (the interop name)
 from r1jax.model.decoder import Decoder
 
 Path = tuple[str | int, ...]
 Experts = Literal["fused", "per_expert"]
-
-# HF `model_type` -> config fields its config.json does not spell but its architecture implies.
-MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v3": {},
-    "qwen2": {"qkv_bias": True, "rope_interleave": False},  # Qwen2 always has q/k/v bias, o without
-    "llama": {"rope_interleave": False},
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -59,6 +52,11 @@ class Rule:
     ours: tuple[Path, ...]
     to_ours: Callable[..., tuple[np.ndarray, ...]]
     to_hf: Callable[..., tuple[np.ndarray, ...]]
+
+
+def _xp(x):
+    """NumPy for arrays, jax.numpy for tracers: `jax.eval_shape` runs the table for shapes alone."""
+    return np if isinstance(x, np.ndarray) else jnp
 
 
 def copy(hf: str, ours: Path) -> Rule:
@@ -93,7 +91,7 @@ def kv_b(hf: str, k_path: Path, v_path: Path, latent: int, heads: int, nope: int
         return w[..., :nope], w[..., nope:]
 
     def to_hf(k, v):
-        return (np.concatenate([k, v], axis=-1).reshape(latent, -1).T,)
+        return (_xp(k).concatenate([k, v], axis=-1).reshape(latent, -1).T,)
 
     return Rule((hf,), (k_path, v_path), to_ours, to_hf)
 
@@ -105,7 +103,7 @@ def fused_experts(gate_up: str, down: str, f: int) -> Rule:
         return gu[:, :f].transpose(0, 2, 1), gu[:, f:].transpose(0, 2, 1), dn.transpose(0, 2, 1)
 
     def to_hf(g, u, dn):
-        return np.concatenate([g, u], axis=-1).transpose(0, 2, 1), dn.transpose(0, 2, 1)
+        return _xp(g).concatenate([g, u], axis=-1).transpose(0, 2, 1), dn.transpose(0, 2, 1)
 
     return Rule((gate_up, down), (("ffn", "w_gate"), ("ffn", "w_up"), ("ffn", "w_down")), to_ours, to_hf)
 
@@ -311,24 +309,7 @@ def model_params(model: nnx.Module, paths: Iterable[Path]) -> dict[Path, np.ndar
 # ----------------------------------------------------------------------------- transformers
 
 
-def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
-    """An HF config mapping (`config.to_dict()` or a `config.json`) -> `ModelConfig` (float32 unless overridden)."""
-    model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPE_DEFAULTS:
-        raise ValueError(f"model_type {model_type!r} is not supported (known: {', '.join(MODEL_TYPE_DEFAULTS)})")
-    if hf.get("mlp_bias"):
-        raise ValueError("mlp_bias: biased MLPs are not supported")
-    if hf.get("use_sliding_window"):
-        raise ValueError("use_sliding_window: sliding-window attention is not supported")
-    if model_type == "deepseek_v3" and hf.get("attention_bias"):
-        raise ValueError("attention_bias: MLA with biases is not supported")
-    data = {k: v for k, v in hf.items() if k != "dtype"}  # HF's dtype is storage, not r1jax's compute dtype
-    data.update(MODEL_TYPE_DEFAULTS[model_type])
-    fields = {"dtype": "float32", "param_dtype": "float32", **overrides}
-    return ModelConfig.from_hf(data, **fields)
-
-
-def _detect_experts(names: Iterable[str]) -> Experts:
+def detect_experts(names: Iterable[str]) -> Experts:
     return "fused" if any(n.endswith("mlp.experts.gate_up_proj") for n in names) else "per_expert"
 
 
@@ -343,7 +324,7 @@ def from_transformers(hf_model, *, seed: int = 0, **config_overrides) -> Decoder
 
     cfg = config_from_hf(hf_model.config.to_dict(), **config_overrides)
     state = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in hf_model.state_dict().items()}
-    experts = _detect_experts(state)
+    experts = detect_experts(state)
     used: set[str] = set()
 
     def get(name: str) -> np.ndarray:
