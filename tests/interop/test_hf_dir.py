@@ -156,3 +156,76 @@ def test_unexpected_and_missing_tensors(released, tmp_path):
     _rewrite(d, lambda t: [t.pop("model.layers.1.mlp.experts.8.up_proj.weight"), t.pop("model.norm.weight")])
     with pytest.raises(CheckpointError, match=r"missing tensor model.norm.weight"):
         hf_dir.load_model(d)
+
+
+def _released_671b_names() -> dict[str, tuple[int, ...]]:
+    """The released V3/R1 tensors and shapes as spec §5 describes them (written out here, not
+    from the name table): 61 layers (3 dense), 256 experts, the MTP layer 61, FP8 scales."""
+    d, v, h, q, lat, r, f, fe, e = 7168, 129280, 128, 1536, 512, 64, 18432, 2048, 256
+    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+
+    def fp8(name, shape):
+        out[name] = shape
+        out[name + "_scale_inv"] = tuple(-(-s // 128) for s in shape)
+
+    def mlp(prefix, hidden):
+        fp8(prefix + "gate_proj.weight", (hidden, d))
+        fp8(prefix + "up_proj.weight", (hidden, d))
+        fp8(prefix + "down_proj.weight", (d, hidden))
+
+    for i in range(62):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = out[p + "post_attention_layernorm.weight"] = (d,)
+        fp8(p + "self_attn.q_a_proj.weight", (q, d))
+        out[p + "self_attn.q_a_layernorm.weight"] = (q,)
+        fp8(p + "self_attn.q_b_proj.weight", (h * 192, q))
+        fp8(p + "self_attn.kv_a_proj_with_mqa.weight", (lat + r, d))
+        out[p + "self_attn.kv_a_layernorm.weight"] = (lat,)
+        fp8(p + "self_attn.kv_b_proj.weight", (h * 256, lat))
+        fp8(p + "self_attn.o_proj.weight", (d, h * 128))
+        if i < 3:
+            mlp(p + "mlp.", f)
+            continue
+        out[p + "mlp.gate.weight"] = (e, d)
+        out[p + "mlp.gate.e_score_correction_bias"] = (e,)
+        for j in range(e):
+            mlp(p + f"mlp.experts.{j}.", fe)
+        mlp(p + "mlp.shared_experts.", fe)
+    p = "model.layers.61."
+    out.update({p + "enorm.weight": (d,), p + "hnorm.weight": (d,), p + "eh_proj.weight": (d, 2 * d),
+                p + "shared_head.norm.weight": (d,), p + "shared_head.head.weight": (v, d),
+                p + "embed_tokens.weight": (v, d)})
+    return out
+
+
+class _HeaderOnly:
+    """Stands in for `SafetensorsFiles` with names, shapes and dtypes only (no file, no data)."""
+
+    def __init__(self, shapes):
+        self.shapes, self.names = shapes, list(shapes)
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def shape(self, name):
+        return self.shapes[name]
+
+    def dtype(self, name):
+        return np.dtype(np.float32) if name.endswith("_scale_inv") or "norm" in name or "embed" in name \
+            or "head" in name or ".gate." in name or "eh_proj" in name else np.dtype(ck.fp8.FP8)
+
+    def file(self, name):
+        from pathlib import Path
+        return Path("model-00001-of-000163.safetensors")
+
+
+def test_671b_released_layout_maps_every_tensor():
+    from r1jax.config import load_model
+
+    shapes = _released_671b_names()
+    assert 91_000 < len(shapes) < 93_000  # spec: ~92k tensors
+    cfg = load_model("configs/model/deepseek-v3-671b.yaml")
+    assert hf_dir.check(_HeaderOnly(shapes), cfg) == "per_expert"
+    shapes.pop("model.layers.61.mlp.experts.255.down_proj.weight_scale_inv")
+    with pytest.raises(CheckpointError, match=r"experts.255.down_proj.weight .* but its scale"):
+        hf_dir.check(_HeaderOnly(shapes), cfg)
