@@ -9,6 +9,7 @@ config maps field for field (`ModelConfig.from_hf`). Every error names the offen
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -90,6 +91,13 @@ class ModelConfig:
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4)
     bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
+    # Storage of the routed experts. "param": `param_dtype` Params. "float8_e4m3fn": for sampling
+    # only, DeepSeek-V3/R1's released format: fp8 weights with a float32 scale_inv per block
+    # (`r1jax.model.fp8`), held outside the Params and dequantized one layer at a time inside
+    # the compiled step. fp8_block_size: the block over HF's [out, in] weight
+    # (`quantization_config.weight_block_size`).
+    expert_dtype: Literal["param", "float8_e4m3fn"] = "param"
+    fp8_block_size: tuple[int, ...] = (128, 128)
     # Multi-Token Prediction depth.
     num_nextn_predict_layers: int = 0
     # Positions.
@@ -167,6 +175,10 @@ class ModelConfig:
                          "the kept groups hold fewer experts than num_experts_per_tok")
             _require(self.topk_method != "noaux_tc" or self.scoring_func == "sigmoid", "topk_method",
                      "noaux_tc routing needs scoring_func: sigmoid")
+        _require(self.expert_dtype == "param" or self.is_moe, "expert_dtype",
+                 "fp8 experts need routed experts (n_routed_experts > 0)")
+        _require(len(self.fp8_block_size) == 2 and min(self.fp8_block_size) > 0, "fp8_block_size",
+                 f"must be two positive sizes [out, in], got {list(self.fp8_block_size)}")
         _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
 
     @classmethod
@@ -383,6 +395,9 @@ class Config:
         _require(self.batch_size % self.grad_accum == 0, "grad_accum",
                  f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
+        # Every mode trains (GRPO too): fp8 experts are not Params, so they would silently stay frozen.
+        _require(m.expert_dtype == "param", "model.expert_dtype",
+                 f"fp8 experts are for sampling; train ({self.mode}) from dequantized weights")
         if self.mesh.model > 1:
             heads = m.kv_heads if not m.is_mla else m.num_attention_heads
             _require(heads % self.mesh.model == 0, "mesh.model",
@@ -488,6 +503,27 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _hf_config_file(ref: str | None, base: Path) -> Path | None:
+    """An HF `config.json` that `ref` names (the file, or a model directory holding one)."""
+    for candidate in (Path(ref), base / ref) if ref else ():
+        if candidate.is_dir():
+            candidate = candidate / "config.json"
+        if candidate.is_file() and candidate.suffix == ".json":
+            return candidate
+    return None
+
+
+def _read_model(ref: str, base: Path) -> dict:
+    """A model mapping: an r1jax model YAML, or an HF `config.json` / model directory."""
+    hf = _hf_config_file(ref, base)
+    if hf is None:
+        return _read_yaml(_resolve_model_path(ref, base))
+    try:
+        return dataclasses.asdict(model_config_from_hf(json.loads(hf.read_text())))
+    except json.JSONDecodeError as e:
+        raise ConfigError("model", f"{hf}: not JSON ({e})") from None
+
+
 def _resolve_model_path(ref: str, base: Path) -> Path:
     for candidate in (Path(ref), base / ref, CONFIGS_DIR / "model" / ref, CONFIGS_DIR / "model" / f"{ref}.yaml"):
         if candidate.is_file():
@@ -519,7 +555,7 @@ def load_dict(path: str | Path | None, *overrides: str) -> dict:
         if "hidden_size" in data:  # a bare model file, as under configs/model/
             data = {"model": data}
     if isinstance(data.get("model"), str):
-        data["model"] = _read_yaml(_resolve_model_path(data["model"], base))
+        data["model"] = _read_model(data["model"], base)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "override must look like key=value")
@@ -527,8 +563,12 @@ def load_dict(path: str | Path | None, *overrides: str) -> dict:
         key = key.strip()
         value = yaml.safe_load(raw) if raw.strip() else None
         if key == "model" and isinstance(value, str):
-            value = _read_yaml(_resolve_model_path(value, base))
+            value = _read_model(value, base)
         _set_dotted(data, key, value)
+    model = data.get("model")
+    if (model is None or (isinstance(model, dict) and "hidden_size" not in model)) and isinstance(
+            data.get("init_from"), str) and _hf_config_file(data["init_from"], base):
+        data["model"] = {**_read_model(data["init_from"], base), **(model or {})}  # the HF model's, overridden
     return data
 
 
@@ -538,9 +578,12 @@ def load(path: str | Path | None, *overrides: str, cls=Config):
 
 
 def load_model(path: str | Path, *overrides: str) -> ModelConfig:
-    """Loads just the model part; overrides may be written with or without `model.`."""
+    """Loads just the model part; overrides may be written with or without `model.`. A run file's
+    other keys are not checked, so a model only sampling can use (fp8 experts) loads too."""
     fixed = [o if o.startswith("model.") else f"model.{o}" for o in overrides]
-    return load(path, *fixed).model
+    data = load_dict(path, *fixed)
+    _require("model" in data, "model", "required key is missing")
+    return _coerce(ModelConfig, data["model"], "model")
 
 
 def to_dict(cfg) -> dict:
