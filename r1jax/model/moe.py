@@ -10,6 +10,13 @@ Routing (spec §3), `route`:
   V2: s = softmax(x W_g); greedy top-K (or group-limited by group max); no bias.
 Expert compute is dropless (`dropless_experts`): each expert's tokens contiguous, one grouped matmul.
 Under expert parallelism `r1jax.parallel.expert` swaps in its dispatch through `use_expert_fn`.
+
+FP8 experts (`ModelConfig.expert_dtype: float8_e4m3fn`, sampling only): w_gate / w_up / w_down
+are `FP8Weight`s in r1jax's [in, out] orientation (each expert's HF weight [out, in] transposed),
+each with a float32 `<name>_scale_inv` [E, ceil(in/b_in), ceil(out/b_out)], HF's scale grid
+transposed the same way, (b_out, b_in) = `fp8_block_size`. `MoE.expert_weights` dequantizes them
+where the layer runs, so inside a scanned, compiled step only one layer's experts exist in the
+compute dtype at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
+from r1jax.model import fp8
 from r1jax.model.layers import MLP, dtypes, normal, param, zeros
 from r1jax.parallel.rules import constrain
 
@@ -31,6 +39,15 @@ from r1jax.parallel.rules import constrain
 class RoutingBias(nnx.Variable):
     """The aux-loss-free correction bias b [E]: a state of its own, never a `Param`, so the
     optimizer never sees it (no gradient, no weight decay, no Adam moments)."""
+
+
+class FP8Weight(nnx.Variable):
+    """A routed expert weight in `float8_e4m3fn`, or its float32 block `scale_inv`: sampling-only
+    storage (`ModelConfig.expert_dtype`), never a `Param`, so it lands in `extra` and the
+    optimizer never sees it."""
+
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 class Routing(NamedTuple):
@@ -277,11 +294,38 @@ class MoE(nnx.Module):
         self.gate = param(rngs, init, (d, e), ("embed", None), jnp.float32)
         if cfg.topk_method == "noaux_tc":
             self.bias = RoutingBias(zeros(rngs.params(), (e,), jnp.float32), axes=(None,))
-        self.w_gate = param(rngs, init, (e, d, f), ("experts", "embed", "mlp"), pdt)
-        self.w_up = param(rngs, init, (e, d, f), ("experts", "embed", "mlp"), pdt)
-        self.w_down = param(rngs, init, (e, f, d), ("experts", "mlp", "embed"), pdt)
+        shapes = {"w_gate": ((e, d, f), ("experts", "embed", "mlp")), "w_up": ((e, d, f), ("experts", "embed", "mlp")),
+                  "w_down": ((e, f, d), ("experts", "mlp", "embed"))}
+        for name, (shape, axes) in shapes.items():
+            w = param(rngs, init, shape, axes, pdt)
+            if self.is_fp8:  # random weights quantized: a real model's come from its checkpoint
+                q, scale_inv = fp8.quantize(w[...], self.fp8_block)
+                setattr(self, name, FP8Weight(q, axes=axes))
+                setattr(self, f"{name}_scale_inv", FP8Weight(scale_inv, axes=("experts", None, None)))
+            else:
+                setattr(self, name, w)
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, f * cfg.n_shared_experts, rngs=rngs)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.cfg.expert_dtype == "float8_e4m3fn"
+
+    @property
+    def fp8_block(self) -> tuple[int, int]:
+        """The scale block over the stored [in, out] orientation: HF's [out, in] block reversed."""
+        b_out, b_in = self.cfg.fp8_block_size
+        return b_in, b_out
+
+    def expert_weights(self, dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(w_gate, w_up [..., E, D, F], w_down [..., E, F, D]) as arrays of `dtype` (None:
+        `param_dtype`), fp8 experts dequantized; leading dims: stacked layers. Call it inside the
+        compiled function that uses them, so the dequantized copies stay transient."""
+        dtype = dtype or dtypes(self.cfg)[1]
+        if not self.is_fp8:
+            return tuple(getattr(self, n)[...].astype(dtype) for n in EXPERT_WEIGHTS)
+        return tuple(fp8.dequantize(getattr(self, n)[...], getattr(self, f"{n}_scale_inv")[...], self.fp8_block, dtype)
+                     for n in EXPERT_WEIGHTS)
 
     def routing(self, x: jax.Array) -> Routing:
         """x [N,D] -> the routing of its tokens (`route`)."""
@@ -300,9 +344,7 @@ class MoE(nnx.Module):
         routing = self.routing(flat)
         if flat_mask is not None:
             routing = routing._replace(mask=flat_mask)
-        y, metrics = _EXPERT_FN.get()(
-            flat, routing, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt)
-        )
+        y, metrics = _EXPERT_FN.get()(flat, routing, *self.expert_weights(dt))
         y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)

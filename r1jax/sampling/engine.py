@@ -179,7 +179,7 @@ def _decode_layout(blocks) -> dict:
         shared = (ffn.shared.gate_proj[...], ffn.shared.up_proj[...], ffn.shared.down_proj[...]) \
             if ffn.cfg.n_shared_experts else None
         fn = dense_moe_weights if ffn.w_gate.ndim == 3 else jax.vmap(dense_moe_weights)
-        out["experts"] = fn(ffn.w_gate[...], ffn.w_up[...], ffn.w_down[...], shared)
+        out["experts"] = fn(*ffn.expert_weights(), shared)
     return out
 
 
