@@ -1,5 +1,10 @@
 """Tokenizer interface, a SentencePiece implementation, and the R1 chat template.
 
+`load_tokenizer(path)` opens either kind: a SentencePiece `.model` trained here, or a Hugging Face
+`tokenizer.json` with its `tokenizer_config.json` (`r1jax.data.hf_tokenizer.HFTokenizer`). Each
+renders conversations in its own chat template (`Tokenizer.render_chat`): r1jax's `render_chat`
+below for SentencePiece, the config's jinja template (DeepSeek-R1's, say) for Hugging Face.
+
 The R1 markers (bos, eos, turn markers, think/answer tags) are SentencePiece
 user-defined symbols, so they are single ids wherever they appear in text, including
 text rendered by `render_chat`. Byte fallback makes every string encodable.
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
@@ -44,7 +51,11 @@ R1_ZERO_SYSTEM_PROMPT = (
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the rest of r1jax needs from a tokenizer (SentencePiece now, HF json later)."""
+    """What the rest of r1jax needs from a tokenizer: `SentencePieceTokenizer` or `HFTokenizer`.
+
+    `encode` adds no special tokens; `decode` writes special tokens' text and drops ids at or above
+    `vocab_size` (a model's padded vocabulary); `render_chat` is the tokenizer's chat template.
+    """
 
     vocab_size: int
     bos_id: int
@@ -57,12 +68,15 @@ class Tokenizer(Protocol):
 
     def token_to_id(self, token: str) -> int | None: ...
 
+    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool) -> str: ...
+
 
 class SentencePieceTokenizer:
     """`Tokenizer` backed by a SentencePiece model trained by `train_sentencepiece`."""
 
     def __init__(self, model_file: str | os.PathLike):
         self.model_file = os.fspath(model_file)
+        self.files = (Path(self.model_file),)
         self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
         self.vocab_size = self._sp.vocab_size()
         self.pad_id = self._sp.pad_id()
@@ -96,6 +110,9 @@ class SentencePieceTokenizer:
     def token_to_id(self, token: str) -> int | None:
         token_id = self._sp.piece_to_id(token)  # unknown pieces map to unk
         return token_id if self._sp.id_to_piece(token_id) == token else None
+
+    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def __getstate__(self):  # the SWIG processor does not pickle; grain workers may need to
         return {"model_file": self.model_file}
@@ -142,11 +159,12 @@ def train_sentencepiece(
 def render_chat(
     messages: Sequence[dict], *, add_generation_prompt: bool, add_bos: bool = True
 ) -> str:
-    """The one R1 chat template (DeepSeek-R1's tokenizer_config), as text.
+    """r1jax's R1 chat template (the SentencePiece tokenizer's), as text.
 
     `bos system <｜User｜>u1<｜Assistant｜>a1 eos <｜User｜>u2<｜Assistant｜>` — a system
     message, if any, comes first and has no marker; each assistant turn ends with eos;
-    `add_generation_prompt` appends `<｜Assistant｜>` for the model to continue.
+    `add_generation_prompt` appends `<｜Assistant｜>` for the model to continue. Unlike
+    DeepSeek-R1's own template it keeps earlier turns' reasoning and does not open `<think>`.
     """
     parts = [BOS] if add_bos else []
     for i, message in enumerate(messages):
@@ -166,18 +184,76 @@ def render_chat(
     return "".join(parts)
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[list[int], int]:
-    """Token ids of a conversation ending in an assistant turn, and where that turn starts.
+def chat_text(tokenizer: Tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
+    """`tokenizer.render_chat(messages, ...)`; a duck-typed stand-in without `render_chat` (the
+    tests' character tokenizers) gets r1jax's `render_chat`."""
+    render = getattr(tokenizer, "render_chat", None)
+    if render is None:
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+    return render(messages, add_generation_prompt=add_generation_prompt)
 
-    Returns (ids, completion_start): ids[completion_start:] are the final assistant
-    content and its eos, the tokens SFT trains on. Because `<｜Assistant｜>` is atomic,
-    ids equals `tokenizer.encode(render_chat(messages, add_generation_prompt=False))`.
+
+_FINAL_TURN = "\x00r1jax final turn\x00"  # a placeholder no template rewrites
+
+
+def _keeps_reasoning(content: str, rendered: str) -> bool:
+    """Whether the rendering of an assistant turn kept the turn's reasoning, if it has any."""
+    if THINK_END not in content:
+        return True
+    reasoning = content.split(THINK_END)[0].split(THINK_START)[-1].strip()
+    return THINK_END in rendered and reasoning in rendered
+
+
+def chat_prompt_and_completion(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[str, str]:
+    """(prompt, completion) texts of a conversation ending in an assistant turn.
+
+    The prompt is `messages[:-1]` with the generation prompt, as at inference; the completion is
+    what follows it in the rendering of the whole conversation (as TRL does), with two departures
+    so that SFT trains on the final turn's reasoning as the model has to write it:
+    - a template that rewrites the final assistant turn's reasoning (DeepSeek-R1's keeps only what
+      follows `</think>`, so that earlier turns' reasoning leaves the context) gets that turn's
+      content back verbatim: the turn is rendered around a placeholder, then the content put in;
+    - a generation prompt that ends in whitespace the content lacks (R1's `<｜Assistant｜><think>\\n`
+      before content `<think>reasoning…`) is matched without it; the completion then starts at the
+      first non-space after the opening tag.
+    Raises ValueError when the final turn does not continue the generation prompt (R1's template and
+    content that does not open with `<think>`).
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's completion")
-    prompt = tokenizer.encode(render_chat(messages[:-1], add_generation_prompt=True))
-    completion = tokenizer.encode(messages[-1]["content"]) + [tokenizer.eos_id]
-    return prompt + completion, len(prompt)
+    prompt = chat_text(tokenizer, messages[:-1], add_generation_prompt=True)
+    content = messages[-1]["content"]
+    full = chat_text(tokenizer, messages, add_generation_prompt=False)
+    if not (full.startswith(prompt) and _keeps_reasoning(content, full[len(prompt):])):
+        marked = chat_text(tokenizer, [*messages[:-1], {**messages[-1], "content": _FINAL_TURN}],
+                           add_generation_prompt=False)
+        if marked.count(_FINAL_TURN) == 1:
+            full = marked.replace(_FINAL_TURN, content)
+    if full.startswith(prompt):
+        return prompt, full[len(prompt):]
+    opened = prompt.rstrip()
+    if opened != prompt and full.startswith(opened):
+        return prompt, full[len(opened):].lstrip()
+    raise ValueError(f"the final assistant turn does not continue the chat template's generation prompt "
+                     f"(...{prompt[-20:]!r}): it renders as {full[len(os.path.commonprefix([prompt, full])):][:40]!r}")
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[list[int], int]:
+    """Token ids of a conversation ending in an assistant turn, and where that turn starts.
+
+    Returns (ids, completion_start): ids[:completion_start] encode the prompt exactly as inference
+    does, ids[completion_start:] the completion (the final assistant turn and its end-of-turn
+    tokens, `chat_prompt_and_completion`), the tokens SFT trains on. ids is the encoding of
+    prompt + completion in one piece unless that merges tokens across the boundary; then the two
+    are encoded apart. With r1jax's template and `<｜Assistant｜>` atomic, ids equals
+    `tokenizer.encode(render_chat(messages, add_generation_prompt=False))`.
+    """
+    prompt, completion = chat_prompt_and_completion(tokenizer, messages)
+    prompt_ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt + completion)
+    if ids[:len(prompt_ids)] != prompt_ids:
+        ids = prompt_ids + tokenizer.encode(completion)
+    return ids, len(prompt_ids)
 
 
 def r1_zero_prompt(question: str) -> str:
@@ -188,6 +264,54 @@ def r1_zero_prompt(question: str) -> str:
 def r1_zero_messages(question: str) -> list[dict]:
     """The same instruction as chat messages, for `render_chat(..., add_generation_prompt=True)`."""
     return [{"role": "system", "content": R1_ZERO_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer at `path`: a SentencePiece `.model` file; a `tokenizer.json` file (its
+    `tokenizer_config.json` beside it); or a directory holding `tokenizer.json` (preferred) or a
+    SentencePiece `tokenizer.model`."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        elif (path / "tokenizer.model").is_file():
+            path = path / "tokenizer.model"
+        else:
+            raise FileNotFoundError(f"{path} holds neither tokenizer.json nor tokenizer.model")
+    elif not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".json":
+        from r1jax.data.hf_tokenizer import HFTokenizer  # tokenizers and jinja2 only when needed
+
+        return HFTokenizer(path)
+    raise ValueError(f"{path} is not a tokenizer (a SentencePiece .model or a tokenizer.json is expected)")
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> list[Path]:
+    """The files that define `tokenizer` (the .model; or tokenizer.json, tokenizer_config.json and
+    what else of the Hugging Face set exists), to copy beside a checkpoint."""
+    files = getattr(tokenizer, "files", None)
+    if files is None:
+        raise TypeError(f"{type(tokenizer).__name__} is not loaded from files")
+    return list(files)
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> list[Path]:
+    """Copies `tokenizer_files(tokenizer)` into `directory` so that `load_tokenizer(directory)` opens
+    it (the model file is written as tokenizer.model or tokenizer.json). Returns the written paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    files = tokenizer_files(tokenizer)
+    for f in files:  # the first is the model: a .model or a tokenizer.json under any name
+        target = directory / ({".model": "tokenizer.model", ".json": "tokenizer.json"}[f.suffix] if f == files[0]
+                              else f.name)
+        if not (target.exists() and target.samefile(f)):
+            shutil.copyfile(f, target)
+        written.append(target)
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> None:
