@@ -26,7 +26,7 @@ from r1jax.data import pipeline
 from r1jax.data.sources import (ArrayRecordJsonSource, JsonlSource, gsm8k_chat, parse_chat, parse_gsm8k,
                                 parse_text)
 from r1jax.data.tasks import corpus
-from r1jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, render_chat, train_sentencepiece
+from r1jax.data.tokenizer import Tokenizer, load_tokenizer, render_chat, train_sentencepiece
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -46,17 +46,21 @@ def _builtin_texts(cfg: Config) -> list[str]:
 
 
 def load_or_train_tokenizer(cfg: Config) -> Tokenizer:
-    """`data.tokenizer` if set; else the tokenizer of `init_from` or of this run_dir; else one
-    trained here on the built-in corpus and saved as run_dir/tokenizer.model."""
-    candidates = [cfg.data.tokenizer] if cfg.data.tokenizer else []
-    if cfg.init_from:
-        candidates.append(str(Path(cfg.init_from) / TOKENIZER_FILE))
-    candidates.append(str(Path(cfg.run_dir) / TOKENIZER_FILE))
-    for path in candidates:
-        if Path(path).is_file():
-            return SentencePieceTokenizer(path)
+    """`data.tokenizer` if set (any path `load_tokenizer` opens: a .model, a tokenizer.json or a
+    directory of either); else the tokenizer of `init_from` (its tokenizer.json or tokenizer.model)
+    or of this run_dir; else one trained here on the built-in corpus and saved as run_dir/tokenizer.model."""
     if cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist")
+        if not Path(cfg.data.tokenizer).exists():
+            raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist")
+        try:
+            return load_tokenizer(cfg.data.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError("data.tokenizer", str(e)) from None
+    directories = [Path(cfg.init_from)] if cfg.init_from else []
+    directories.append(Path(cfg.run_dir))
+    for directory in directories:
+        if (directory / "tokenizer.json").is_file() or (directory / TOKENIZER_FILE).is_file():
+            return load_tokenizer(directory)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text_file = run_dir / "tokenizer_corpus.txt"

@@ -45,10 +45,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from r1jax.data.tokenizer import Tokenizer, render_chat
+from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.sampling.engine import Engine, Event, SamplingParams
 from r1jax.serving import protocol as p
-from r1jax.serving.reasoning import ReasoningSplitter, _partial_suffix, split_reasoning
+from r1jax.serving.reasoning import ReasoningSplitter, _partial_suffix, opens_reasoning, split_reasoning
 from r1jax.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -253,18 +253,19 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
     async def chat(request: Request):
         req: p.ChatCompletionRequest = await parse(request, p.ChatCompletionRequest)
         try:
-            prompt_text = render_chat([{"role": m.role, "content": m.text()} for m in req.messages],
-                                      add_generation_prompt=True)
+            prompt_text = chat_text(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
+                                    add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
         prompts = [tokenizer.encode(prompt_text)]
+        thinking = opens_reasoning(prompt_text)  # R1's template opens <think> in the prompt
         sampling = plan(req, prompts)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if not req.stream:
             outs, texts = await collect(prompts, req.n, sampling, req.stop, request)
             choices = []
             for i, full in outs.items():
-                reasoning, content = split_reasoning(full)
+                reasoning, content = split_reasoning(full, thinking=thinking)
                 choices.append(p.ChatChoice(index=i, finish_reason=texts[i].finish_reason,
                                             message=p.AssistantMessage(content=content, reasoning_content=reasoning)))
             return p.ChatCompletion(id=rid, model=model_name, choices=choices, usage=usage(prompts, texts.values()))
@@ -278,7 +279,7 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
                 return p.ChatCompletionChunk(id=rid, created=now, model=model_name,
                                              choices=[p.ChatChunkChoice(index=i, delta=delta, finish_reason=reason)])
 
-            splitters = [ReasoningSplitter() for _ in range(req.n)]
+            splitters = [ReasoningSplitter(thinking=thinking) for _ in range(req.n)]
             texts: dict[int, ChoiceText] = {}
             for i in range(req.n):
                 yield sse(chunk(i, p.Delta(role="assistant", content="")))

@@ -16,9 +16,11 @@ content after it; whitespace around the reasoning and at the start of the conten
 content (a model that does not think). An unclosed `<think>` (max_tokens reached while
 thinking) leaves all of its text in `reasoning_content`.
 
-Departure: DeepSeek's newer chat template puts `<think>\\n` into the prompt, so its models'
-output starts inside the reasoning; r1jax's template (`render_chat`) does not, so the opening
-tag is expected in the output. A `</think>` without an opening tag stays in the content.
+A prompt that already opens the reasoning (DeepSeek-R1's chat template ends its generation prompt
+with `<think>\\n`; r1jax's SentencePiece template does not) makes the output start inside it:
+`ReasoningSplitter(thinking=True)`, with `opens_reasoning(prompt_text)` deciding. Then the
+output is reasoning up to `</think>`, and all reasoning if it never closes. Otherwise the opening
+tag is expected in the output, and a `</think>` without an opening tag stays in the content.
 """
 
 from __future__ import annotations
@@ -36,11 +38,18 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def opens_reasoning(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends inside an opened `<think>` (the output continues the reasoning)."""
+    return prompt_text.rstrip().endswith(THINK_START)
+
+
 class ReasoningSplitter:
-    def __init__(self):
-        self.state = _BEFORE
+    """`thinking`: the prompt opened `<think>`, so the output starts inside the reasoning."""
+
+    def __init__(self, *, thinking: bool = False):
+        self.state = _THINKING if thinking else _BEFORE
         self.buf = ""  # text not yet assigned
-        self.thought = False  # saw <think>
+        self.thought = thinking  # saw <think> (or the prompt did)
         self._started = False  # some reasoning text went out (leading whitespace is dropped)
 
     def feed(self, delta: str) -> tuple[str, str]:
@@ -96,9 +105,10 @@ class ReasoningSplitter:
         return "", buf if self.state == _CONTENT else ""
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning_content or None when the output has no reasoning, content) of a whole output."""
-    s = ReasoningSplitter()
+def split_reasoning(text: str, *, thinking: bool = False) -> tuple[str | None, str]:
+    """(reasoning_content or None when the output has no reasoning, content) of a whole output;
+    `thinking` as for `ReasoningSplitter`."""
+    s = ReasoningSplitter(thinking=thinking)
     r1, c1 = s.feed(text)
     r2, c2 = s.finish()
     return (r1 + r2 if s.thought else None), c1 + c2

@@ -28,7 +28,7 @@ from r1jax import checkpoint as ckpt_lib
 from r1jax.config import Config, ConfigError, to_dict
 from r1jax.data.datasets import load_or_train_tokenizer, task_options
 from r1jax.data.tasks import TASKS, check_record, corpus
-from r1jax.data.tokenizer import Tokenizer, render_chat
+from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
 from r1jax.sampling.engine import Engine, SamplingParams, Weights
 from r1jax.train import advantages as adv_lib
@@ -107,12 +107,12 @@ class GrpoStep(TrainStep):
 
 
 def prompt_records(cfg: Config, tokenizer: Tokenizer, split: str = "train", count: int | None = None) -> list[dict]:
-    """Built-in task prompts in the chat template, with what the checkers need."""
+    """Built-in task prompts in the tokenizer's chat template, with what the checkers need."""
     count = count or (cfg.data.builtin_docs if split == "train" else cfg.grpo.eval_prompts)
     samples = corpus.samples(split, cfg.seed + (7 if split == "train" else 0), **task_options(cfg))
     out = []
     for s in (next(samples) for _ in range(count)):
-        text = render_chat([{"role": "user", "content": s.question}], add_generation_prompt=True)
+        text = chat_text(tokenizer, [{"role": "user", "content": s.question}], add_generation_prompt=True)
         out.append({"prompt": text, "prompt_ids": tokenizer.encode(text), "task": s.task, "question": s.question,
                     "answer": s.answer})
     return out
