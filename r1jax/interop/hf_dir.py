@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from r1jax.checkpoint import is_hf_dir  # noqa: F401  (the interop name)
 from r1jax.config import ConfigError, ModelConfig, model_config_from_hf
 from r1jax.interop import hf as table
 from r1jax.interop.safetensors_files import CheckpointError, SafetensorsFiles
@@ -43,11 +44,6 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`
 FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
-
-
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return (path / CONFIG).is_file() and any(path.glob("*.safetensors"))
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -78,6 +74,8 @@ def model_config(path: str | os.PathLike, files: SafetensorsFiles | None = None,
         if present < depth:
             log.info("%s: config has %d MTP layers, the files %d: loading %d", path, depth, present, present)
             overrides["num_nextn_predict_layers"] = present
+    if hf.get("quantization_config"):
+        overrides.setdefault("fp8_block_size", block_size(hf))
     try:
         return model_config_from_hf(hf, **overrides)
     except ConfigError as e:

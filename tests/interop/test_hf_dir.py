@@ -229,3 +229,17 @@ def test_671b_released_layout_maps_every_tensor():
     shapes.pop("model.layers.61.mlp.experts.255.down_proj.weight_scale_inv")
     with pytest.raises(CheckpointError, match=r"experts.255.down_proj.weight .* but its scale"):
         hf_dir.check(_HeaderOnly(shapes), cfg)
+
+
+def test_fp8_experts_keep_the_released_bytes(released):
+    """`expert_dtype=float8_e4m3fn`: the routed experts stay FP8 (the file's bytes, scales moved with
+    them) and give the dequantized model's logits."""
+    directory, _, stored = released
+    model = hf_dir.load_model(directory, expert_dtype="float8_e4m3fn")
+    assert model.cfg.fp8_block_size == ck.BLOCK
+    w, s = model.moe_layers.ffn.w_up[...], model.moe_layers.ffn.w_up_scale_inv[...]
+    assert w.dtype == jnp.float8_e4m3fn
+    name = "model.layers.2.mlp.experts.6.up_proj.weight"
+    np.testing.assert_array_equal(np.asarray(w[1, 6]).view(np.uint8), stored[name].T.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(s[1, 6]), stored[name + "_scale_inv"].T)
+    np.testing.assert_allclose(_logits(model), _logits(hf_dir.load_model(directory)), atol=1e-5, rtol=0)
