@@ -395,9 +395,6 @@ class Config:
         _require(self.batch_size % self.grad_accum == 0, "grad_accum",
                  f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
-        # Every mode trains (GRPO too): fp8 experts are not Params, so they would silently stay frozen.
-        _require(m.expert_dtype == "param", "model.expert_dtype",
-                 f"fp8 experts are for sampling; train ({self.mode}) from dequantized weights")
         if self.mesh.model > 1:
             heads = m.kv_heads if not m.is_mla else m.num_attention_heads
             _require(heads % self.mesh.model == 0, "mesh.model",

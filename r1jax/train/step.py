@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.config import Config
+from r1jax.config import Config, ConfigError
 from r1jax.model.decoder import ModelOutput
 from r1jax.model.moe import routing_bias_update, use_expert_fn
 from r1jax.parallel import rules as rules_lib
@@ -71,6 +71,10 @@ class TrainStep:
 
     def __init__(self, cfg: Config, mesh: Mesh | None = None, *, keep_grads: bool = False):
         """keep_grads: the step also returns the gradients, as `metrics["grads"]` (for tests)."""
+        # Every mode trains (GRPO too): fp8 experts are not Params, so they would silently stay frozen.
+        if cfg.model.expert_dtype != "param":
+            raise ConfigError("model.expert_dtype", f"fp8 experts are for sampling; train ({cfg.mode}) from "
+                                                    "dequantized weights (model.expert_dtype=param)")
         self.cfg = cfg
         self.keep_grads = keep_grads
         self.mesh = mesh
