@@ -234,3 +234,13 @@ def test_output_after_r1_prompt_starts_inside_reasoning(tok):
     parts.append(split.finish())
     assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == split_reasoning(output, thinking=True)
     assert split_reasoning("\nstill thinking ", thinking=True) == ("still thinking", "")  # max_tokens hit
+
+
+@pytest.mark.parametrize("setting", ["data.tokenizer={d}", "data.tokenizer={d}/tokenizer.json", "init_from={d}"])
+def test_run_config_opens_hf_tokenizers(r1_dir, tmp_path, setting):
+    from r1jax import config as config_lib
+    from r1jax.data.datasets import load_or_train_tokenizer
+
+    run = Path(__file__).parents[2] / "configs" / "tiny-sft.yaml"
+    cfg = config_lib.load(run, f"run_dir={tmp_path / 'run'}", setting.format(d=r1_dir))
+    assert isinstance(load_or_train_tokenizer(cfg), HFTokenizer)
