@@ -32,6 +32,7 @@ that step again).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -357,11 +358,15 @@ def resolve(path: str | Path) -> Path:
 
 
 def load_params(directory: str | Path, target):
-    """Params and routing biases from an export, a step dir, or a run dir (its newest checkpoint
-    that reads); the optimizer state is never read.
+    """Params and routing biases from an export, a step dir, a run dir (its newest checkpoint
+    that reads), or a Hugging Face model directory (streamed); the optimizer state is never read.
 
     target, as `jax.ShapeDtypeStruct`s with `sharding=`: (params, extra) or a TrainState ->
     (params, extra); {"params", "extra"} -> the same dict; bare params -> params."""
+    if is_hf_dir(directory):
+        from r1jax.interop.hf_dir import load_weights
+
+        return load_weights(directory, (target.params, target.extra) if isinstance(target, TrainState) else target)
     want = _weights(target)
     errors = []
     for d in _candidates(directory):
@@ -386,6 +391,17 @@ def _load_weights(d: Path, want: dict) -> dict:
     return {name: _from_nested(out[name], tree) if name in items else tree for name, tree in want.items()}
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (config.json + safetensors): read by `r1jax.interop.hf_dir`."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 def read_meta(directory: str | Path) -> dict:
-    """The JSON metadata of an export or of a run's newest finished checkpoint."""
+    """The JSON metadata of an export or of a run's newest finished checkpoint. An HF model
+    directory's: its model config (as a run config's `model`) and itself as the tokenizer."""
+    if is_hf_dir(directory):
+        from r1jax.interop.hf_dir import model_config
+
+        return {"config": {"model": dataclasses.asdict(model_config(directory))}, "tokenizer": str(directory)}
     return json.loads((resolve(directory) / "meta" / "metadata").read_text())
