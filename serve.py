@@ -5,11 +5,13 @@
 
     python serve.py configs/tiny-pretrain.yaml checkpoint=runs/tiny-pretrain
 
-checkpoint: a training run_dir (its newest readable checkpoint), a checkpoints dir, or an
-exported params dir; without it, the newest run under runs/ that has a params/ export (what
+checkpoint: a training run_dir (its newest readable checkpoint), a checkpoints dir, an exported
+params dir (`python -m r1jax.interop.convert` writes one), or a Hugging Face model directory
+(config.json + safetensors, e.g. DeepSeek-R1-Distill-Qwen-1.5B, read as it is); without it, the newest run under runs/ that has a params/ export (what
 `make demo` writes). CONFIG defaults to the run's own config (saved with its checkpoints);
-other `key=value` pairs override config fields, as in train.py. The tokenizer is the run's
-(`tokenizer.model` next to the checkpoints) unless `tokenizer=` names one. Binds loopback
+other `key=value` pairs override config fields, as in train.py (`model.expert_dtype=float8_e4m3fn`
+keeps an FP8 checkpoint's routed experts in FP8). The tokenizer is the checkpoint's
+(`tokenizer.json` or `tokenizer.model` in or next to it) unless `tokenizer=` names one. Binds loopback
 unless `host=` says otherwise; with `api_key` set, requests need `Authorization: Bearer KEY`.
 Exits 2 on a config error, naming the key.
 """
@@ -77,8 +79,7 @@ def main(argv: list[str]) -> int:
     checkpoint = Path(checkpoint)
 
     from r1jax import checkpoint as ckpt_lib
-    from r1jax.data.datasets import TOKENIZER_FILE
-    from r1jax.data.tokenizer import SentencePieceTokenizer
+    from r1jax.data.tokenizer import find_tokenizer
 
     try:
         meta = ckpt_lib.read_meta(checkpoint)
@@ -93,24 +94,27 @@ def main(argv: list[str]) -> int:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    candidates = [serve.get("tokenizer"), meta.get("tokenizer"), checkpoint / TOKENIZER_FILE,
-                  checkpoint.parent / TOKENIZER_FILE, cfg.data.tokenizer]
-    tok_file = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
-    if tok_file is None:
-        print(f"tokenizer: none found next to {checkpoint}; pass tokenizer=FILE.model", file=sys.stderr)
+    candidates = [serve.get("tokenizer"), meta.get("tokenizer"), checkpoint, checkpoint.parent, cfg.data.tokenizer]
+    tokenizer = find_tokenizer(candidates)
+    if tokenizer is None:
+        print(f"tokenizer: none found next to {checkpoint}; pass tokenizer=FILE (.model, tokenizer.json or "
+              "a directory)", file=sys.stderr)
         return 1
 
     import uvicorn
 
+    from r1jax.model.decoder import abstract_decoder
     from r1jax.sampling.engine import Engine, Weights
     from r1jax.serving.app import create_app
-    from r1jax.train.step import TrainStep
 
-    step = TrainStep(cfg)
-    params, extra = ckpt_lib.load_params(checkpoint, (step.abstract.params, step.abstract.extra))
-    tokenizer = SentencePieceTokenizer(tok_file)
+    graphdef, abstract_params, abstract_extra = abstract_decoder(cfg.model)
+    try:
+        params, extra = ckpt_lib.load_params(checkpoint, (abstract_params, abstract_extra))
+    except (ValueError, RuntimeError) as e:  # a CheckpointError names the file or tensor
+        print(f"checkpoint: {e}", file=sys.stderr)
+        return 1
     max_len = serve.get("max_len", min(cfg.model.max_position_embeddings, 4096))
-    engine = Engine(Weights(step.graphdef, params, extra), slots=serve.get("slots", 8), max_len=max_len)
+    engine = Engine(Weights(graphdef, params, extra), slots=serve.get("slots", 8), max_len=max_len)
     name = serve.get("model_name", checkpoint.resolve().name if checkpoint.name != "params" else
                      checkpoint.resolve().parent.name)
     app = create_app(engine, tokenizer, model_name=name, api_key=serve.get("api_key"))

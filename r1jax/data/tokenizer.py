@@ -289,6 +289,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     raise ValueError(f"{path} is not a tokenizer (a SentencePiece .model or a tokenizer.json is expected)")
 
 
+def find_tokenizer(candidates: Iterable[str | os.PathLike | None]) -> Tokenizer | None:
+    """The tokenizer of the first candidate that holds one (a file, or a directory with
+    tokenizer.json or tokenizer.model); None and empty entries are skipped. None if none does."""
+    for candidate in candidates:
+        if candidate:
+            try:
+                return load_tokenizer(candidate)
+            except FileNotFoundError:
+                continue
+    return None
+
+
 def tokenizer_files(tokenizer: Tokenizer) -> list[Path]:
     """The files that define `tokenizer` (the .model; or tokenizer.json, tokenizer_config.json and
     what else of the Hugging Face set exists), to copy beside a checkpoint."""

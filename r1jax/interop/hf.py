@@ -371,3 +371,44 @@ def to_hf_state_dict(model: Decoder, *, experts: Experts = "fused", mtp: bool = 
     if cfg.tie_word_embeddings and tied_head:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+# ----------------------------------------------------------------------------- the notebook API
+
+
+def load(path, *, mesh=None, dtype: str | None = None, **overrides):
+    """(model, tokenizer) from an HF model directory (streamed, FP8 dequantized; see
+    `r1jax.interop.hf_dir`) or an r1jax params export / run dir. `mesh`: place the weights by the
+    sharding table on it; `dtype`: compute and parameter dtype (default: float32 for HF
+    directories, the saved config's for exports); `overrides`: model fields (e.g.
+    `expert_dtype="float8_e4m3fn"`). The tokenizer is None when no tokenizer files are found.
+
+        model, tokenizer = load("DeepSeek-R1-Distill-Qwen-1.5B", dtype="bfloat16")
+        logits = model(ids).logits
+    """
+    import dataclasses
+    from pathlib import Path
+
+    import jax
+
+    from r1jax import checkpoint as ckpt_lib
+    from r1jax.config import build
+    from r1jax.data.tokenizer import find_tokenizer
+    from r1jax.interop import hf_dir
+
+    if dtype is not None:
+        overrides = {"dtype": dtype, "param_dtype": "float32" if dtype == "float16" else dtype, **overrides}
+    places = [path, Path(path).parent]
+    if ckpt_lib.is_hf_dir(path):
+        model = hf_dir.load_model(path, mesh=mesh, **overrides)
+    else:
+        meta = ckpt_lib.read_meta(path)
+        cfg = dataclasses.replace(build(ModelConfig, meta["config"]["model"], "model"), **overrides)
+        graphdef, target = hf_dir.abstract_model(cfg, mesh)
+        if mesh is None:
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+        params, extra = nnx.split(nnx.merge(graphdef, target), nnx.Param, ...)[1:]
+        params, extra = ckpt_lib.load_params(path, (params, extra))
+        model = nnx.merge(graphdef, params, extra)
+        places.append(meta.get("tokenizer"))
+    return model, find_tokenizer(places)

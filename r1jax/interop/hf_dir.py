@@ -198,23 +198,11 @@ class _Placer:
         self.layers[path] = self.layers.get(path, 0) + 1
 
 
-def _flat_targets(target) -> tuple[list, Any, list[table.Path]]:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    paths = []
-    for keypath, _ in leaves:
-        parts = []
-        for k in keypath:
-            v = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-            parts.append(v)
-        paths.append(tuple(parts))
-    values = [leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf for _, leaf in leaves]
-    return values, treedef, paths
-
-
 def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None, *,
                  progress: Callable[[int], None] | None = None):
-    """Fills `target` (a pytree of nnx.State / Variables / `jax.ShapeDtypeStruct`s with optional
-    `sharding=`, e.g. `(params, extra)` of a split abstract Decoder) from the HF directory `path`.
+    """Fills `target` (an nnx.State, or a tuple / dict of them, e.g. `(params, extra)` of a split
+    abstract Decoder; values `jax.ShapeDtypeStruct`s with optional `sharding=`) from the HF
+    directory `path`.
     Leaves whose dtype is float8 get the checkpoint's FP8 bytes and scales as they are (the
     `expert_dtype: float8_e4m3fn` experts); all others the (dequantized) values cast to their dtype.
     `progress(nbytes)` is called after each tensor read."""
@@ -223,8 +211,10 @@ def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None
     block = block_size(hf_config)
     cfg = cfg or model_config(path, files)
     experts = check(files, cfg, block=block)
-    values, treedef, paths = _flat_targets(target)
-    targets = dict(zip(paths, values))
+    states, treedef = jax.tree_util.tree_flatten(target, is_leaf=lambda x: isinstance(x, nnx.State))
+    flats = [nnx.to_flat_state(s) for s in states]
+    targets = {tuple(p): v.get_value() for flat in flats for p, v in flat}
+    paths = list(targets)
     place = _Placer(targets)
     covered: set[table.Path] = set()
 
@@ -254,8 +244,8 @@ def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None
     left = [o for o in paths if o not in covered]
     if left:
         raise CheckpointError(f"{path}: nothing in the checkpoint fills r1jax's {'.'.join(map(str, left[0]))}")
-    out = [place.done[o] for o in paths]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    filled = [nnx.from_flat_state([(p, v.replace(place.done[tuple(p)])) for p, v in flat]) for flat in flats]
+    return jax.tree_util.tree_unflatten(treedef, filled)
 
 
 def _scale_path(path: table.Path) -> table.Path:

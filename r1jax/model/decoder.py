@@ -164,3 +164,9 @@ class Decoder(nnx.Module):
             mtp_logits = jnp.stack(outs)
             mtp_loads = jnp.stack(mtp_loads) if mtp_loads else None
         return ModelOutput(logits, mtp_logits, loads, balance, x, mtp_loads, metrics)
+
+
+def abstract_decoder(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, extra) of a `Decoder` of `cfg` as shapes and dtypes: what inference
+    loads weights into (no optimizer), nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)

@@ -303,12 +303,12 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load_run(checkpoint: str | os.PathLike, config_path: str | None, overrides: Sequence[str],
              tokenizer_file: str | None = None):
-    """(config, tokenizer file, meta) of a checkpoint, found as serve.py finds them: CONFIG or the
+    """(config, tokenizer, meta) of a checkpoint, found as serve.py finds them: CONFIG or the
     checkpoint's saved config (plus overrides); the tokenizer named on the command line, in the
     checkpoint's meta, next to it, in data.tokenizer, or in init_from."""
     from r1jax import checkpoint as ckpt_lib
     from r1jax import config as config_lib
-    from r1jax.data.datasets import TOKENIZER_FILE
+    from r1jax.data.tokenizer import find_tokenizer
 
     checkpoint = Path(checkpoint)
     meta = ckpt_lib.read_meta(checkpoint)
@@ -318,13 +318,13 @@ def load_run(checkpoint: str | os.PathLike, config_path: str | None, overrides: 
         if "config" not in meta:
             raise config_lib.ConfigError("", f"{checkpoint} has no saved config: pass CONFIG")
         cfg = config_lib.build(config_lib.Config, _merge(meta["config"], config_lib.load_dict(None, *overrides)))
-    candidates = [tokenizer_file, meta.get("tokenizer"), checkpoint / TOKENIZER_FILE,
-                  checkpoint.parent / TOKENIZER_FILE, cfg.data.tokenizer,
-                  cfg.init_from and Path(cfg.init_from) / TOKENIZER_FILE]
-    tok_file = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
-    if tok_file is None:
-        raise FileNotFoundError(f"no tokenizer found next to {checkpoint}; pass tokenizer=FILE.model")
-    return cfg, tok_file, meta
+    candidates = [tokenizer_file, meta.get("tokenizer"), checkpoint, checkpoint.parent, cfg.data.tokenizer,
+                  cfg.init_from]
+    tokenizer = find_tokenizer(candidates)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer found next to {checkpoint}; pass tokenizer=FILE (.model, "
+                                "tokenizer.json or a directory)")
+    return cfg, tokenizer, meta
 
 
 def main(argv: Sequence[str]) -> int:
@@ -350,7 +350,7 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("r1jax").setLevel(logging.INFO)  # progress, as train.py shows it
     o = args.options
     try:
-        cfg, tok_file, _ = load_run(o["checkpoint"], args.config, args.overrides, o.get("tokenizer"))
+        cfg, tokenizer, _ = load_run(o["checkpoint"], args.config, args.overrides, o.get("tokenizer"))
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -359,28 +359,26 @@ def main(argv: Sequence[str]) -> int:
         return 1
 
     from r1jax import checkpoint as ckpt_lib
-    from r1jax.data.tokenizer import SentencePieceTokenizer
+    from r1jax.model.decoder import abstract_decoder
     from r1jax.sampling.engine import Weights
     from r1jax.train.grpo import prompt_records
-    from r1jax.train.step import TrainStep
 
-    tokenizer = SentencePieceTokenizer(tok_file)
     k, max_tokens = o.get("k", 8), o.get("max_tokens", cfg.grpo.max_completion_length)
     records = prompt_records(cfg, tokenizer, o.get("split", "train"), o.get("prompts", 128))
-    step = TrainStep(cfg)
-    params, extra = ckpt_lib.load_params(o["checkpoint"], (step.abstract.params, step.abstract.extra))
+    graphdef, abstract_params, abstract_extra = abstract_decoder(cfg.model)
+    params, extra = ckpt_lib.load_params(o["checkpoint"], (abstract_params, abstract_extra))
     longest = max(len(r["prompt_ids"]) for r in records)
     max_len = min(cfg.model.max_position_embeddings, 1 << math.ceil(math.log2(max(longest + max_tokens, 64))))
     batch_prompts = o.get("batch_prompts", 64)
     slots = o.get("slots", min(64, 1 << math.ceil(math.log2(max(batch_prompts * k, 8)))))
-    engine = Engine(Weights(step.graphdef, params, extra), slots=slots, max_len=max_len, tokenizer=tokenizer)
+    engine = Engine(Weights(graphdef, params, extra), slots=slots, max_len=max_len, tokenizer=tokenizer)
     generate_fn = engine_generate_fn(engine, tokenizer, temperature=o.get("temperature", 0.6),
                                      top_p=o.get("top_p", 0.95), top_k=o.get("top_k", 0), max_tokens=max_tokens,
                                      seed=o.get("sample_seed", 0))
     out = Path(o["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"rejection sampling {len(records)} {o.get('split', 'train')} prompts x {k} samples from "
-          f"{ckpt_lib.resolve(o['checkpoint'])} (tokenizer {tok_file}); keep "
+          f"{ckpt_lib.resolve(o['checkpoint'])} (tokenizer {getattr(tokenizer, 'model_file', '?')}); keep "
           + ", ".join(f"{n} >= {t:g}" for n, t in args.thresholds.items()), flush=True)
     _, stats = rejection_sample(
         generate_fn, records, args.thresholds, k, max_per_prompt=o.get("max_per_prompt"),
