@@ -243,3 +243,64 @@ def test_fp8_experts_keep_the_released_bytes(released):
     np.testing.assert_array_equal(np.asarray(w[1, 6]).view(np.uint8), stored[name].T.view(np.uint8))
     np.testing.assert_array_equal(np.asarray(s[1, 6]), stored[name + "_scale_inv"].T)
     np.testing.assert_allclose(_logits(model), _logits(hf_dir.load_model(directory)), atol=1e-5, rtol=0)
+
+
+def test_convert_of_export_is_bit_exact(released, tmp_path):
+    """r1jax params -> HF directory (released names, MTP) -> r1jax params: the same bits."""
+    from r1jax.interop.export import export
+
+    model = hf_dir.load_model(released[0])
+    out = export(model, tmp_path / "hf", dtype="float32", experts="per_expert", mtp=True, progress=False)
+    again = hf_dir.load_model(out)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, jax.tree.leaves(again)),
+                                jax.tree.map(np.asarray, jax.tree.leaves(model)))
+
+
+RSS_CHILD = r"""
+import sys
+from pathlib import Path
+from r1jax.interop import hf_dir
+
+def peak():  # VmHWM: this process's peak resident set (ru_maxrss would start from the parent's at fork)
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+Path("/proc/self/clear_refs").write_text("5")  # restart the peak count here, after the imports
+before = peak()
+model = hf_dir.load_model(sys.argv[1])
+print(peak() - before)
+"""
+
+
+def test_peak_rss_while_loading_is_bounded(tmp_path):
+    """Growth of peak RSS while loading <= the final parameters + the largest tensor + 1 GiB
+    (a load that held the checkpoint twice, as from_pretrained + from_transformers does, would not fit)."""
+    import subprocess
+    import sys
+
+    from tests.interop.checkpoints import write_dir
+
+    d, f, layers, vocab = 1024, 4096, 6, 32000
+    rng = np.random.default_rng(0)
+    draw = lambda *s: rng.standard_normal(s, np.float32)  # noqa: E731
+    tensors = {"model.embed_tokens.weight": draw(vocab, d), "model.norm.weight": draw(d), "lm_head.weight": draw(vocab, d)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": draw(d), p + "post_attention_layernorm.weight": draw(d),
+                        p + "self_attn.q_proj.weight": draw(d, d), p + "self_attn.k_proj.weight": draw(256, d),
+                        p + "self_attn.v_proj.weight": draw(256, d), p + "self_attn.o_proj.weight": draw(d, d),
+                        p + "mlp.gate_proj.weight": draw(f, d), p + "mlp.up_proj.weight": draw(f, d),
+                        p + "mlp.down_proj.weight": draw(d, f)})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+              "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "max_position_embeddings": 256}
+    write_dir(tmp_path, tensors, config, shards=4)
+    params = sum(t.nbytes for t in tensors.values())
+    largest = max(t.nbytes for t in tensors.values())
+    del tensors
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env=dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    growth = int(r.stdout.split()[-1])
+    print(f"params {params / 2**20:.0f} MiB, largest {largest / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.0f} MiB")
+    assert growth <= params + largest + 2**30
