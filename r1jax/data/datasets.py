@@ -26,7 +26,7 @@ from r1jax.data import pipeline
 from r1jax.data.sources import (ArrayRecordJsonSource, JsonlSource, gsm8k_chat, parse_chat, parse_gsm8k,
                                 parse_text)
 from r1jax.data.tasks import corpus
-from r1jax.data.tokenizer import Tokenizer, load_tokenizer, render_chat, train_sentencepiece
+from r1jax.data.tokenizer import Tokenizer, load_tokenizer, render_chat, save_tokenizer, train_sentencepiece
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -48,19 +48,20 @@ def _builtin_texts(cfg: Config) -> list[str]:
 def load_or_train_tokenizer(cfg: Config) -> Tokenizer:
     """`data.tokenizer` if set (any path `load_tokenizer` opens: a .model, a tokenizer.json or a
     directory of either); else the tokenizer of `init_from` (its tokenizer.json or tokenizer.model)
-    or of this run_dir; else one trained here on the built-in corpus and saved as run_dir/tokenizer.model."""
+    or of this run_dir; else one trained here on the built-in corpus and saved as run_dir/tokenizer.model.
+    One found elsewhere is copied into run_dir, so the run's checkpoints carry their tokenizer."""
     if cfg.data.tokenizer:
         if not Path(cfg.data.tokenizer).exists():
             raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist")
         try:
-            return load_tokenizer(cfg.data.tokenizer)
+            return _kept_in_run_dir(load_tokenizer(cfg.data.tokenizer), cfg)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError("data.tokenizer", str(e)) from None
     directories = [Path(cfg.init_from)] if cfg.init_from else []
     directories.append(Path(cfg.run_dir))
     for directory in directories:
         if (directory / "tokenizer.json").is_file() or (directory / TOKENIZER_FILE).is_file():
-            return load_tokenizer(directory)
+            return _kept_in_run_dir(load_tokenizer(directory), cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text_file = run_dir / "tokenizer_corpus.txt"
@@ -68,6 +69,14 @@ def load_or_train_tokenizer(cfg: Config) -> Tokenizer:
     tok = train_sentencepiece([text_file], cfg.data.vocab_size, run_dir / "tokenizer")
     text_file.unlink()
     return tok
+
+
+def _kept_in_run_dir(tokenizer: Tokenizer, cfg: Config) -> Tokenizer:
+    run_dir = Path(cfg.run_dir)
+    has_own = (run_dir / "tokenizer.json").is_file() or (run_dir / TOKENIZER_FILE).is_file()
+    if not has_own and jax.process_index() == 0:
+        save_tokenizer(tokenizer, run_dir)
+    return tokenizer
 
 
 def _gsm8k(obj: Any) -> dict:

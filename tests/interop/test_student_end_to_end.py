@@ -98,6 +98,8 @@ def test_sft_and_grpo_start_from_it(student, tmp_path):
               "data.max_difficulty=1", "eval_every=0"]
     _train("configs/tiny-sft.yaml", *common, f"model={student}", f"run_dir={tmp_path / 'sft'}", "steps=2",
            "batch_size=4", "seq_len=128", "data.builtin_docs=64", "eval_batches=1")
+    assert (tmp_path / "sft" / "tokenizer.json").is_file()  # the run keeps the tokenizer it trained with
+    common[0] = f"init_from={tmp_path / 'sft'}"
     r = _train("configs/tiny-grpo.yaml", *common, f"model={student}", f"run_dir={tmp_path / 'grpo'}", "steps=2",
                "seq_len=96", "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.max_completion_length=16",
                "grpo.num_minibatches=1", "grpo.dynamic_sampling=false", "grpo.eval_prompts=0")
