@@ -52,6 +52,7 @@ class Rule:
     ours: tuple[Path, ...]
     to_ours: Callable[..., tuple[np.ndarray, ...]]
     to_hf: Callable[..., tuple[np.ndarray, ...]]
+    kind: str = "plain"  # "per_expert": hf[j] is expert j's [out, in], ours[0] their stack [E, in, out]
 
 
 def _xp(x):
@@ -115,6 +116,7 @@ def per_expert(proj: str, ours: Path, e: int) -> Rule:
         names, (ours,),
         lambda *ws: (np.stack([w.T for w in ws]),),
         lambda w: tuple(x.T for x in w),
+        kind="per_expert",
     )
 
 
@@ -190,7 +192,7 @@ def block_rules(cfg: ModelConfig, *, moe: bool, experts: Experts = "fused") -> l
 def mtp_rules(cfg: ModelConfig, experts: Experts = "fused") -> list[Rule]:
     """One MTP depth, names relative to `model.layers.{num_hidden_layers + k}.` and to an `MTPLayer`."""
     nested = [
-        Rule(r.hf, tuple(("block",) + p for p in r.ours), r.to_ours, r.to_hf)
+        dataclasses.replace(r, ours=tuple(("block",) + p for p in r.ours))
         for r in block_rules(cfg, moe=cfg.is_moe, experts=experts)
     ]
     return [

@@ -174,6 +174,29 @@ _set_layer = jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim
                      donate_argnums=0)
 
 
+class ExpertStack:
+    """One layer's routed experts [E, in, out] from E per-expert tensors [out, in] (the released
+    layout), read lazily: indexing reads only the experts the index selects, once each. Placed
+    with `jax.make_array_from_callback`, a process reads only the experts its devices hold."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], shape: tuple[int, ...], dtype):
+        self.read, self.shape, self.dtype = read, tuple(shape), np.dtype(dtype)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def astype(self, dtype, copy: bool = False) -> "ExpertStack":
+        return self if np.dtype(dtype) == self.dtype else ExpertStack(self.read, self.shape, dtype)
+
+    def expert(self, j: int) -> np.ndarray:
+        if j not in self._cache:
+            self._cache[j] = self.read(j).T.astype(self.dtype)
+        return self._cache[j]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        experts = range(self.shape[0])[index[0]] if index else range(self.shape[0])
+        return np.stack([self.expert(j)[index[1:]] for j in experts])
+
+
 class _Placer:
     """Receives (r1jax path, layer index or None, host array) in any order and builds the target's
     arrays: whole arrays placed at once, stacked ones one layer at a time into a donated buffer."""
@@ -181,9 +204,9 @@ class _Placer:
     def __init__(self, targets: dict[table.Path, Any]):
         self.targets = targets
         self.done: dict[table.Path, jax.Array] = {}
-        self.layers: dict[table.Path, int] = {}
 
-    def __call__(self, path: table.Path, index: int | None, arr: np.ndarray) -> None:
+    def __call__(self, path: table.Path, index: int | None, arr) -> None:
+        """`arr`: a host array, or an `ExpertStack` read only where a local device needs it."""
         t = self.targets[path]
         arr = arr.astype(t.dtype, copy=False)
         sharding = _sharding_of(t)
@@ -195,7 +218,6 @@ class _Placer:
             self.done[path] = zeros()
         layer = _put(arr, _layer_sharding(sharding))
         self.done[path] = _set_layer(self.done[path], layer, jnp.int32(index))
-        self.layers[path] = self.layers.get(path, 0) + 1
 
 
 def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None, *,
@@ -235,7 +257,12 @@ def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None
                 raise CheckpointError(f"r1jax target has no parameter {'.'.join(map(str, missing[0]))} "
                                       f"for {p.hf_prefix + rule.hf[0]}")
             dtype = targets[full[0]].dtype
-            outs = list(zip(full, rule.to_ours(*(read(p.hf_prefix + n, dtype) for n in rule.hf)), strict=True))
+            names = [p.hf_prefix + n for n in rule.hf]
+            if rule.kind == "per_expert":
+                shape = targets[full[0]].shape[p.index is not None:]
+                outs = [(full[0], ExpertStack(lambda j: read(names[j], dtype), shape, dtype))]
+            else:
+                outs = list(zip(full, rule.to_ours(*(read(n, dtype) for n in names)), strict=True))
             if np.dtype(dtype) in FP8_DTYPES:
                 outs.append((_scale_path(full[0]), _fp8_scale(files, p, rule, full, targets)))
             for o, arr in outs:
@@ -253,14 +280,15 @@ def _scale_path(path: table.Path) -> table.Path:
 
 
 def _fp8_scale(files, place, rule, full, targets) -> np.ndarray:
-    """The scale of an FP8 target, moved by the same rule as its weight (per-expert transposes
-    and the stack apply alike to a weight and its block grid)."""
-    if len(rule.ours) != 1 or _scale_path(full[0]) not in targets:
+    """The scale of an FP8 target, moved as its weight is (the per-expert transpose and stack
+    apply alike to a weight and its block grid)."""
+    if rule.kind != "per_expert" or _scale_path(full[0]) not in targets:
         raise CheckpointError(f"{place.hf_prefix + rule.hf[0]}: r1jax keeps {'.'.join(map(str, full[0]))} in "
                               "float8 only for per-expert weights with a scale beside them")
     names = [place.hf_prefix + n for n in rule.hf]
     if all(files.dtype(n) in FP8_DTYPES for n in names):
-        return rule.to_ours(*(files.read(n + SCALE_SUFFIX) for n in names))[0]
+        shape = targets[_scale_path(full[0])].shape[place.index is not None:]
+        return ExpertStack(lambda j: files.read(names[j] + SCALE_SUFFIX), shape, np.float32)
     raise CheckpointError(f"{names[0]} is {files.dtype(names[0])}: quantize it to FP8 first, or load the experts "
                           "unquantized (model.expert_dtype=param)")
 

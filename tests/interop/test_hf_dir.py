@@ -304,3 +304,21 @@ def test_peak_rss_while_loading_is_bounded(tmp_path):
     growth = int(r.stdout.split()[-1])
     print(f"params {params / 2**20:.0f} MiB, largest {largest / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.0f} MiB")
     assert growth <= params + largest + 2**30
+
+
+def test_a_process_reads_only_the_experts_its_devices_hold():
+    """Per-expert tensors are read where a device's slice needs them: the devices of one host of
+    a (1, 8, 1) mesh (4 of 8, as with 2 hosts) read 4 of the 8 experts, each once."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rng = np.random.default_rng(0)
+    experts = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(8)]  # HF [out, in]
+    reads = []
+    stack = hf_dir.ExpertStack(lambda j: reads.append(j) or experts[j], (8, 5, 6), np.float32)
+    mesh = make_mesh(MeshConfig(data=1, expert=8, model=1))
+    sharding = NamedSharding(mesh, PartitionSpec("expert", None, None))
+    host = [d for d in mesh.devices.reshape(-1)[:4]]
+    for device, index in sharding.devices_indices_map((8, 5, 6)).items():
+        if device in host:
+            np.testing.assert_array_equal(stack[index], np.stack([e.T for e in experts])[index])
+    assert sorted(reads) == [0, 1, 2, 3]
