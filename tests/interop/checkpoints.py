@@ -20,9 +20,29 @@ FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b
                    "gate_proj", "up_proj", "down_proj")
 
 
+def tiny_v2(seed: int = 0):
+    """A random transformers DeepseekV2 (V2-Lite's kind: softmax greedy routing, no q LoRA,
+    unnormalised weights, 2 shared experts, YaRN with mscale)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.DeepseekV2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
+        qk_rope_head_dim=16, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+        first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, max_position_embeddings=256, attn_implementation="eager",
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                             mscale=0.707, mscale_all_dim=0.707, beta_fast=32.0, beta_slow=1.0))
+    model = tf.DeepseekV2ForCausalLM(cfg)
+    _randomize(model, seed)
+    return model.eval()
+
+
 def save_transformers(name: str, directory: Path, shard_size: str = "30KB"):
-    """A random transformers model of test_hf_parity's CASES[name] saved in >= 3 shards; returns it."""
-    model = _build(name)
+    """A random transformers model of test_hf_parity's CASES[name] (or "deepseek_v2") saved in
+    >= 3 shards; returns it."""
+    model = tiny_v2() if name == "deepseek_v2" else _build(name)
     model.save_pretrained(directory, max_shard_size=shard_size)
     return model
 

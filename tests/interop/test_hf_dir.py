@@ -40,7 +40,7 @@ def released(tmp_path_factory):
     return directory, reference, stored
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama3_rope_tied", "dsv3_halfrope_tied"])
+@pytest.mark.parametrize("name", ["qwen2", "llama3_rope_tied", "dsv3_halfrope_tied", "deepseek_v2"])
 def test_transformers_dir_matches_transformers(name, tmp_path):
     hf_model = ck.save_transformers(name, tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) >= 3
@@ -108,6 +108,21 @@ def test_truncated_shard(released, tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"model-00003-of-00003.safetensors: truncated shard"):
         hf_dir.load_model(d)
+
+
+def test_convert_cli_reports_one_line_and_writes_nothing(released, tmp_path):
+    import subprocess
+    import sys
+
+    d = _broken_copy(released, tmp_path)
+    f = d / "model-00001-of-00003.safetensors"
+    f.write_bytes(f.read_bytes()[:-7])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "r1jax.interop.convert", str(d), str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and not out.exists() and not list(tmp_path.glob("out*"))
+    assert r.stderr.strip().splitlines()[-1] == f"convert: {f}: truncated shard ({f.stat().st_size} bytes, " \
+        f"its header needs {f.stat().st_size + 7})"
 
 
 def test_unknown_architecture(released, tmp_path):
