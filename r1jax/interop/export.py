@@ -3,7 +3,7 @@
     python -m r1jax.interop.export RUN_OR_PARAMS_DIR HF_OUT_DIR [dtype=bfloat16|float32]
         [max_shard_size=5GB] [experts=fused|per_expert] [mtp=false] [overwrite=false] [tokenizer=PATH|none]
 
-    export(model, "hf/", tokenizer_dir="runs/tiny")                 # a Decoder, from Python
+    export(model, "hf/", tokenizer="runs/tiny")                     # a Decoder, from Python
 
 RUN_OR_PARAMS_DIR: a training run dir (its newest readable checkpoint), a checkpoints dir, or
 params written by `r1jax.checkpoint.export_params`; the model is rebuilt from the config saved
@@ -237,12 +237,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def export(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+def export(model: Decoder, out_dir: str | os.PathLike, *, tokenizer=None,
            dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30, experts: Experts = "fused",
            mtp: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Writes `model` as an HF directory at `out_dir` (see the module doc) and returns its path.
 
-    tokenizer_dir: a tokenizer `r1jax.data.tokenizer.load_tokenizer` opens (a directory, a
+    tokenizer: a `Tokenizer`, or a path `r1jax.data.tokenizer.load_tokenizer` opens (a directory, a
     tokenizer.json or a .model); its files are copied and its bos / eos / pad ids go into
     config.json. An existing non-empty `out_dir` is replaced only with `overwrite`."""
     from tqdm import tqdm
@@ -260,7 +260,8 @@ def export(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir: str | o
         raise ValueError(f"expert_dtype={model.cfg.expert_dtype}: export a model with dequantized (param) experts")
     if _is_nonempty(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=true to replace it)")
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     ids = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                                         "pad_token_id": tokenizer.pad_id}
     config = hf_config(model.cfg, dtype=dtype, **ids)  # raises before anything is written
@@ -289,38 +290,6 @@ def export(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir: str | o
 
 
 # ----------------------------------------------------------------------------- r1jax checkpoints
-
-
-def load_decoder(path: str | os.PathLike) -> tuple[Decoder, dict]:
-    """(Decoder, meta) of a run dir, checkpoints dir or params export, rebuilt from the model
-    config saved in its meta; only params and routing biases are read."""
-    from flax import nnx
-
-    from r1jax import checkpoint, config
-
-    meta = checkpoint.read_meta(path)
-    model_cfg = (meta.get("config") or {}).get("model")
-    if not isinstance(model_cfg, dict):
-        raise ValueError(f"{path}: its meta holds no model config (config.model)")
-    cfg = config.build(ModelConfig, model_cfg, prefix="model")
-    graphdef, params, extra = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    params, extra = checkpoint.load_params(path, (params, extra))
-    return nnx.merge(graphdef, params, extra), meta
-
-
-def find_tokenizer(path: str | os.PathLike, meta: dict) -> Path | None:
-    """The run's tokenizer, where serve.py looks: meta["tokenizer"], then next to the checkpoint."""
-    from r1jax import checkpoint
-
-    path = Path(path)
-    places = [meta.get("tokenizer"), checkpoint.resolve(path), path, path.parent]
-    for place in (Path(p) for p in places if p):
-        if place.is_file():
-            return place
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (place / name).is_file():
-                return place / name
-    return None
 
 
 def parse_size(text: str) -> int:
@@ -362,15 +331,17 @@ def main(argv: list[str]) -> int:
     try:
         if _is_nonempty(Path(out)) and not kwargs["overwrite"]:  # before the model is read
             raise FileExistsError(f"{out} exists and is not empty (pass overwrite=true to replace it)")
-        model, meta = load_decoder(source)
+        from r1jax.interop.hf import load
+
+        model, found = load(source)
         tokenizer = options.get("tokenizer")
-        tokenizer = None if tokenizer == "none" else tokenizer or find_tokenizer(source, meta)
+        tokenizer = None if tokenizer == "none" else tokenizer or found
         if tokenizer is None:
             print(f"note: no tokenizer found for {source}; writing weights and config only", file=sys.stderr)
-        elif Path(tokenizer).suffix == ".model":
+        elif str(getattr(tokenizer, "model_file", tokenizer)).endswith(".model"):
             print("note: the tokenizer is a SentencePiece .model: copied as tokenizer.model, which r1jax "
                   "loads and transformers' AutoTokenizer does not", file=sys.stderr)
-        export(model, out, tokenizer_dir=tokenizer, **kwargs)
+        export(model, out, tokenizer=tokenizer, **kwargs)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
