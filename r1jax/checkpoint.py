@@ -47,6 +47,7 @@ from flax import nnx
 from grain._src.python.checkpoint.handler import CheckpointRestore as _GrainRestore
 from grain._src.python.checkpoint.handler import CheckpointSave as _GrainSave
 
+from r1jax.interop.safetensors_files import is_hf_dir
 from r1jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -389,12 +390,6 @@ def _load_weights(d: Path, want: dict) -> dict:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         out = ckptr.restore(d, args=ocp.args.Composite(**items))
     return {name: _from_nested(out[name], tree) if name in items else tree for name, tree in want.items()}
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory (config.json + safetensors): read by `r1jax.interop.hf_dir`."""
-    path = Path(path)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def read_meta(directory: str | Path) -> dict:

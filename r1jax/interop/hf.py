@@ -397,11 +397,12 @@ def load(path, *, mesh=None, dtype: str | None = None, **overrides):
     from r1jax.config import build
     from r1jax.data.tokenizer import find_tokenizer
     from r1jax.interop import hf_dir
+    from r1jax.interop.safetensors_files import is_hf_dir
 
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": "float32" if dtype == "float16" else dtype, **overrides}
     places = [path, Path(path).parent]
-    if ckpt_lib.is_hf_dir(path):
+    if is_hf_dir(path):
         model = hf_dir.load_model(path, mesh=mesh, **overrides)
     else:
         meta = ckpt_lib.read_meta(path)

@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from r1jax.checkpoint import is_hf_dir  # noqa: F401  (the interop name)
 from r1jax.config import ConfigError, ModelConfig, model_config_from_hf
 from r1jax.interop import hf as table
 from r1jax.interop.safetensors_files import CheckpointError, SafetensorsFiles

@@ -35,6 +35,12 @@ DTYPES = {
 }
 
 
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """A Hugging Face model directory: config.json beside safetensors files."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 class CheckpointError(ValueError):
     """A checkpoint file or tensor that cannot be used; the message names it."""
 
