@@ -1,30 +1,20 @@
 # Results, 2026-12-03: `python benchmarks/convert.py` (--gb 2, fp8 and bf16), 2 CPUs, 24 GiB RAM, JAX CPU,
-# r1jax at 23100cb (lazy per-expert ExpertStack), transformers 5.24 without accelerate; page cache warm.
-# | variant | path                                                                                                                                    | wall s | MB/s   | wall / cat | peak RSS growth GB | RSS / param bytes |
-# |---------|-----------------------------------------------------------------------------------------------------------------------------------------|--------|--------|------------|--------------------|-------------------|
-# | fp8     | cat (warm page cache)                                                                                                                   | 0.10   | 20,714 | 1.00       | -                  | -                 |
-# | fp8     | convert (load + Orbax)                                                                                                                  | 38.1   | 53     | 394.5      | 6.18               | 1.67 (of 3.69 GB) |
-# | fp8     | hf_dir.load_model                                                                                                                       | 20.3   | 99     | 209.8      | 3.99               | 1.08 (of 3.69 GB) |
-# | fp8     | from_pretrained + from_transformers — fails: ImportError: Loading an FP8 quantized model requires accelerate (`pip install accelerate`) | -      | -      | -          | -                  | -                 |
-# | bf16    | cat (warm page cache)                                                                                                                   | 0.08   | 22,946 | 1.00       | -                  | -                 |
-# | bf16    | convert (load + Orbax)                                                                                                                  | 15.5   | 124    | 185.3      | 3.50               | 1.83 (of 1.91 GB) |
-# | bf16    | hf_dir.load_model                                                                                                                       | 4.8    | 395    | 58.1       | 2.31               | 1.21 (of 1.91 GB) |
-# | bf16    | from_pretrained + from_transformers                                                                                                     | 28.8   | 66     | 345.7      | 14.28              | 7.46 (of 1.91 GB) |
-# fp8: 10 layers + 1 MTP, 48 experts, 2.00 GB in 5 shards, 3129 tensors; bf16: 6 layers, 1.91 GB, 805 tensors.
-# Where it goes (sections timed exclusively in the child; peaks sampled):
-# - fp8 load_model 20.3 s: fp8.dequantize 13.4 s (numpy/ml_dtypes fp8->f32 and f32->bf16 `astype`, ~140 M values/s;
-#   the same dequantize under jax.jit is bit-identical and ~11x faster on this machine), zeros + XLA compiles
-#   (56 compiles, ~1.7 s) 2.3 s, device_put 1.9 s, transpose/stack 0.8 s, set_layer 0.8 s, disk reads 0.4 s.
-# - bf16 load_model 4.8 s: memory copies (read, transposed astype, np.stack, device_put, set_layer) + compiles.
-# - load RSS is on goal (1.08x fp8, 1.21x bf16); convert's excess is the Orbax save: +2.2 GB (fp8) / +1.2 GB (bf16)
-#   during export_params, 12.4 s / 7.5 s. It is tensorstore's zstd compression (zarr3 level 3) of every array at
-#   once: in a separate test (3 random bf16 arrays, 1.7 GB) use_compression=False took the save's RSS growth from
-#   1.3 GB to 0.005 GB and its time from 4.3 s to 0.9 s (the export here is 22% smaller compressed). The memory is
-#   freed but glibc keeps it (RSS stays +2 GB after the save; malloc_trim(0) returns it).
-# - transformers path (bf16): 7.46x the params at peak (torch bf16 model 3.75 GB incl. load buffers, state_dict
-#   to f32 numpy +3.8 GB, to_ours stacked f32 copies +3.6 GB, build_with bf16 arrays +3 GB), 28.8 s.
-# - wall / cat <= 1.5 is out of reach against a warm page cache (~21 GB/s): one memcpy of the 3.7 GB bf16 result
-#   alone is ~0.5 s here; `cat` from a cold disk would be the realistic bar (dropping caches needs root).
+# transformers 5.24 without accelerate; page cache warm for every row. After the host-jitted FP8 dequantize, one
+# zeros constructor per shape and uncompressed Orbax exports (before: fp8 convert 38.1 s / 1.67x RSS, load 20.3 s;
+# bf16 convert 15.5 s / 1.83x RSS):
+# | variant | path                                  | wall s | MB/s   | wall / cat | peak RSS growth GB | RSS / param bytes |
+# |---------|---------------------------------------|--------|--------|------------|--------------------|-------------------|
+# | fp8     | cat (warm page cache)                 | 0.10   | 20,542 | 1.00       | -                  | -                 |
+# | fp8     | convert (load + Orbax)                | 27.8   | 72     | 285.3      | 4.06               | 1.10 (of 3.69 GB) |
+# | fp8     | hf_dir.load_model                     | 16.2   | 124    | 166.1      | 4.06               | 1.10 (of 3.69 GB) |
+# | fp8     | from_pretrained + from_transformers   | fails: transformers needs accelerate for FP8 layouts          |
+# | bf16    | cat (warm page cache)                 | 0.12   | 16,070 | 1.00       | -                  | -                 |
+# | bf16    | convert (load + Orbax)                | 16.9   | 113    | 141.9      | 2.35               | 1.23 (of 1.91 GB) |
+# | bf16    | hf_dir.load_model                     | 6.8    | 283    | 56.8       | 2.37               | 1.24 (of 1.91 GB) |
+# | bf16    | from_pretrained + from_transformers   | 27.7   | 69     | 232.7      | 14.28              | 7.46 (of 1.91 GB) |
+# Where it goes: Orbax export 12.0 / 6.6 s; the per-expert stacks (dequantize, transpose, cast, np.stack) 7.1 /
+# 2.7 s; host->device placement and layer updates ~4-5 s. wall / cat <= 1.5 is out of reach against a warm page
+# cache (~20 GB/s): one memcpy of the result alone is ~0.5 s here; a cold-disk read is the realistic bar.
 
 """HF directory -> r1jax conversion: wall time and peak host memory of `r1jax.interop.convert`
 (and of `hf_dir.load_model` alone, and of the transformers round trip it replaces) on a

@@ -18,6 +18,7 @@ far plus one layer's tensors.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -169,6 +170,24 @@ def _put(arr: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dequantize(q, scale_inv, block, dtype):
+    return fp8.dequantize(q, scale_inv, block, dtype)
+
+
+def _dequantize_on_host(q: np.ndarray, scale_inv: np.ndarray, block, dtype) -> np.ndarray:
+    """`fp8.dequantize` compiled for the host CPU: the same bits, ~10x faster than NumPy's
+    float8 -> f32 -> bf16 casts (ml_dtypes converts element by element)."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return np.asarray(_dequantize(q, scale_inv, tuple(block), dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape: tuple[int, ...], dtype, sharding) -> Callable[[], jax.Array]:
+    """A compiled constructor of a zero array placed by `sharding` (one per shape, not per parameter)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
 _set_layer = jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
                      donate_argnums=0)
 
@@ -213,8 +232,7 @@ class _Placer:
             self.done[path] = _put(arr, sharding)
             return
         if path not in self.done:
-            zeros = jax.jit(lambda: jnp.zeros(t.shape, t.dtype), out_shardings=sharding)
-            self.done[path] = zeros()
+            self.done[path] = _zeros(tuple(t.shape), np.dtype(t.dtype), sharding)()
         layer = _put(arr, _layer_sharding(sharding))
         self.done[path] = _set_layer(self.done[path], layer, jnp.int32(index))
 
@@ -244,8 +262,7 @@ def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None
         if progress:
             progress(files.nbytes(name))
         if w.dtype in FP8_DTYPES and np.dtype(dtype) not in FP8_DTYPES:
-            scale = files.read(name + SCALE_SUFFIX)
-            return fp8.dequantize(w, scale, block, dtype)
+            return _dequantize_on_host(w, files.read(name + SCALE_SUFFIX), block, np.dtype(dtype))
         return w
 
     for p in table.layout(cfg, experts=experts, mtp=cfg.num_nextn_predict_layers > 0):
