@@ -48,7 +48,6 @@ from grain._src.python.checkpoint.handler import CheckpointRestore as _GrainRest
 from grain._src.python.checkpoint.handler import CheckpointSave as _GrainSave
 
 from r1jax.interop.safetensors_files import is_hf_dir
-from r1jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
 
-    def save(self, step: int, state: TrainState, *, data_state: Any = None, meta: Mapping | None = None,
+    def save(self, step: int, state: Any, *, data_state: Any = None, meta: Mapping | None = None,
              force: bool = False) -> bool:
         """Starts saving `state` as `step` (in the background when async). The device arrays are
         copied to host before this returns, so the state may be donated to the next step.
@@ -242,7 +241,7 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, Any, dict]:
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, Any, dict]:
         """(state, data_state, meta) of `step`, or of the newest checkpoint that reads.
 
         target: the state as `jax.ShapeDtypeStruct`s with `sharding=` (`abstract_target`); the
@@ -269,7 +268,7 @@ class Checkpointer:
             return out
         raise RuntimeError(f"no checkpoint in {self.directory} could be read (steps {steps})") from error
 
-    def _restore_step(self, target: TrainState, step: int) -> tuple[TrainState, Any, dict]:
+    def _restore_step(self, target: Any, step: int) -> tuple[Any, Any, dict]:
         step_dir = self.directory / str(step)
         nested_target = _to_nested(_with_default_sharding(target))
         items = {"params": ocp.args.StandardRestore(nested_target["params"]),
@@ -297,9 +296,14 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- params for serving
 
 
+def _is_train_state(tree) -> bool:
+    """A TrainState (`r1jax.train.state`), by its fields: this module sits below `train`."""
+    return all(hasattr(tree, a) for a in ("step", "params", "extra", "opt_state"))
+
+
 def _weights(tree) -> dict:
     """{"params", "extra"} of a TrainState, a (params, extra) pair, a mapping, or bare params."""
-    if isinstance(tree, TrainState):
+    if _is_train_state(tree):
         return {"params": tree.params, "extra": tree.extra}
     if isinstance(tree, tuple) and len(tree) == 2 and not hasattr(tree, "_fields"):
         return {"params": tree[0], "extra": tree[1]}
@@ -371,13 +375,13 @@ def load_params(directory: str | Path, target):
     if is_hf_dir(directory):
         from r1jax.interop.hf_dir import load_weights
 
-        return load_weights(directory, (target.params, target.extra) if isinstance(target, TrainState) else target)
+        return load_weights(directory, (target.params, target.extra) if _is_train_state(target) else target)
     want = _weights(target)
     errors = []
     for d in _candidates(directory):
         try:
             got = _load_weights(d, want)
-            if isinstance(target, (tuple, TrainState)):
+            if isinstance(target, tuple) or _is_train_state(target):
                 return got["params"], got["extra"]
             return got if isinstance(target, Mapping) and "params" in target else got["params"]
         except Exception as e:

@@ -27,7 +27,7 @@ from flax import nnx
 from r1jax import checkpoint as ckpt_lib
 from r1jax.config import Config, ConfigError, to_dict
 from r1jax.data.datasets import load_or_train_tokenizer, task_options
-from r1jax.data.tasks import TASKS, check_record, corpus
+from r1jax.data.tasks import corpus
 from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
 from r1jax.sampling.engine import Engine, SamplingParams, Weights
@@ -46,10 +46,6 @@ ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mas
 LENGTH_BUCKET = 16  # rollout batches are padded to a multiple of this, not to seq_len (XLA:CPU: 144 is 25% faster than 160)
 CURVES = ("reward", "accuracy", "completion_length", "eval_pass@1", "eval_greedy_accuracy", "kl", "entropy",
           "frac_reward_zero_std")
-
-for _name in TASKS:  # the built-in tasks' exact checkers grade `accuracy_reward`
-    rewards_lib.register_checker(_name, check_record)
-
 
 class GrpoStep(TrainStep):
     """The compiled GRPO update: one minibatch of rollout rows -> one optimizer step."""

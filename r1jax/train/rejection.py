@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 
 from r1jax.sampling.engine import Completion, Engine, SamplingParams
-from r1jax.train import grpo  # noqa: F401  (registers the built-in tasks' checkers for `accuracy`)
 from r1jax.train import rewards as rewards_lib
 
 log = logging.getLogger("r1jax.train.rejection")  # not __main__ under python -m

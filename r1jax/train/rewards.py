@@ -20,13 +20,16 @@ from dataclasses import dataclass
 import math_verify
 import numpy as np
 
+from r1jax.data.tasks import TASKS, check_record
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float | None]]
 Checker = Callable[[str, dict], bool]
 
-# Exact answer checkers of built-in tasks, by task name; r1jax.data.tasks registers into it.
-CHECKERS: dict[str, Checker] = {}
+# Exact answer checkers by task name: the built-in tasks' (`r1jax.data.tasks`) from the start,
+# others by `register_checker`.
+CHECKERS: dict[str, Checker] = {name: check_record for name in TASKS}
 
 
 def register_checker(name: str, check: Checker) -> Checker:

@@ -1,4 +1,4 @@
-"""Train state, the optimizer, and their shardings.
+"""Train state and the optimizer (their shardings: `r1jax.parallel.sharding`).
 
 The model is split once: `graphdef` (static structure), `params` (every `nnx.Param`, what the
 optimizer updates) and `extra` (the rest: the MoE routing biases, updated by their own rule).
@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.config import Config, OptimConfig
 from r1jax.model.decoder import Decoder
-from r1jax.parallel.rules import MeshAxes, to_pspec
+from r1jax.parallel.sharding import batch_shardings, shardings  # noqa: F401  (re-exported: sampling/engine.py, interop/hf_dir.py)
 
 _BIASES = {"bq", "bk", "bv", "bo"}
 
@@ -92,42 +91,3 @@ def abstract_state(cfg: Config, optimizer: optax.GradientTransformation) -> tupl
 
     state = jax.eval_shape(build, init_key(0))
     return out["graphdef"], state
-
-
-def _spec_for(shape: tuple[int, ...], names, rules: dict[str, MeshAxes], mesh: Mesh) -> PartitionSpec:
-    """The table's spec, less any mesh axis that does not divide its dimension."""
-    spec = to_pspec(names, rules, mesh.axis_names)
-    fixed = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        group = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        keep = []
-        for a in group:
-            if dim % (mesh.shape[a] * max(1, _prod(mesh.shape[k] for k in keep))) == 0:
-                keep.append(a)
-        fixed.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
-    return PartitionSpec(*fixed)
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
-def shardings(tree, mesh: Mesh, rules: dict[str, MeshAxes]):
-    """NamedSharding for every leaf: Variables by their `axes` metadata through the rules table,
-    plain arrays (step, optimizer counters) replicated."""
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            names = x.get_metadata().get("axes", (None,) * len(x.shape))
-            return x.replace(NamedSharding(mesh, _spec_for(tuple(x.shape), names, rules, mesh)))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_shardings(batch_keys, mesh: Mesh, rules: dict[str, MeshAxes]) -> dict[str, NamedSharding]:
-    spec = to_pspec(("batch", "length"), rules, mesh.axis_names)
-    return {k: NamedSharding(mesh, spec) for k in batch_keys}

@@ -23,7 +23,8 @@ from r1jax.model.moe import routing_bias_update, use_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.train.losses import lm_loss
-from r1jax.train.state import TrainState, abstract_state, init_key, batch_shardings, init_state, make_optimizer, shardings
+from r1jax.parallel.sharding import batch_shardings, shardings
+from r1jax.train.state import TrainState, abstract_state, init_key, init_state, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
