@@ -28,30 +28,9 @@ SERVE_KEYS = {"checkpoint": str, "host": str, "port": int, "api_key": str, "slot
 
 def parse(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     """(config path or None, serve options, config overrides)."""
-    path = argv[0] if argv and "=" not in argv[0] else None
-    serve, overrides = {}, []
-    for item in argv[1:] if path else argv:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise config_lib.ConfigError(item, "arguments after CONFIG must look like key=value")
-        if key in SERVE_KEYS:
-            try:
-                serve[key] = SERVE_KEYS[key](value)
-            except ValueError:
-                raise config_lib.ConfigError(key, f"expected {SERVE_KEYS[key].__name__}, got {value!r}") from None
-        else:
-            overrides.append(item)
-    for key in ("port", "slots", "max_len"):
-        if key in serve and serve[key] <= 0:
-            raise config_lib.ConfigError(key, f"must be positive, got {serve[key]}")
-    return path, serve, overrides
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    positionals, serve, overrides = config_lib.parse_options(argv, SERVE_KEYS, positional=("[CONFIG]",))
+    config_lib.require_positive(serve, "port", "slots", "max_len")
+    return (positionals[0] if positionals else None), serve, overrides
 
 
 def newest_run(root: Path = Path("runs")) -> Path | None:
@@ -90,7 +69,7 @@ def main(argv: list[str]) -> int:
         if cfg is None:
             if "config" not in meta:
                 raise config_lib.ConfigError("", f"{checkpoint} has no saved config: pass CONFIG")
-            cfg = config_lib.build(config_lib.Config, merge(meta["config"], config_lib.load_dict(None, *overrides)))
+            cfg = config_lib.build(config_lib.Config, config_lib.merge(meta["config"], config_lib.load_dict(None, *overrides)))
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

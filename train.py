@@ -18,7 +18,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
     try:
-        cfg = config_lib.load(argv[0], *argv[1:])
+        (path,), _, overrides = config_lib.parse_options(argv, positional=("CONFIG",))
+        cfg = config_lib.load(path, *overrides)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

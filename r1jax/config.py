@@ -13,6 +13,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -585,3 +586,79 @@ def load_model(path: str | Path, *overrides: str) -> ModelConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over`'s entries, nested mappings merged key by key (a saved run config plus
+    command-line overrides)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def parse_bool(text: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off), any case; ValueError otherwise."""
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_value(key: str, text: str, kind: Callable[[str], Any]) -> Any:
+    """`text` as `kind`: str, int, float, bool (`parse_bool`) or any `str -> value` function that
+    raises ValueError. A ConfigError naming `key` if it does not read."""
+    try:
+        return parse_bool(text) if kind is bool else kind(text)
+    except ValueError as e:
+        if kind in (int, float):
+            raise ConfigError(key, f"expected {kind.__name__}, got {text!r}") from None
+        raise ConfigError(key, str(e)) from None
+
+
+def parse_options(argv: Sequence[str], known: Mapping[str, Callable[[str], Any]] = types.MappingProxyType({}), *,
+                  positional: Sequence[str] = ("[CONFIG]",), unknown: str = "override",
+                  ) -> tuple[list[str], dict[str, Any], list[str]]:
+    """The one command-line reader of the entry points (train.py, serve.py, the `python -m`
+    tools): `POSITIONAL ... key=value ...` -> (positionals, options, overrides).
+
+    positional: the names of the leading arguments without "=", in order; a name in [brackets]
+    is optional (taken when present), any other is required. `known` keys are parsed by
+    `parse_value` into `options`; any other `key=value` is kept, in order, in `overrides` (config
+    overrides, for `load` / `load_dict`), or refused when `unknown="error"`. Raises ConfigError
+    naming the missing positional, the malformed argument or the key."""
+    items = list(argv)
+    positionals: list[str] = []
+    for name in positional:
+        if not items or "=" in items[0]:
+            if not name.startswith("["):
+                raise ConfigError(name, "is required (before the key=value arguments)")
+            break
+        positionals.append(items.pop(0))
+    after = " ".join(name.strip("[]") for name in positional)
+    options: dict[str, Any] = {}
+    overrides: list[str] = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(item, f"arguments after {after} must look like key=value" if after else
+                              "arguments must look like key=value")
+        if key in known:
+            options[key] = parse_value(key, value, known[key])
+        elif unknown == "error":
+            raise ConfigError(key, f"unknown option (known: {', '.join(sorted(known))})")
+        else:
+            overrides.append(item)
+    return positionals, options, overrides
+
+
+def require_positive(options: Mapping[str, Any], *keys: str) -> None:
+    """ConfigError naming the first of `keys` in `options` that is not > 0."""
+    for key in keys:
+        if key in options and options[key] <= 0:
+            raise ConfigError(key, f"must be positive, got {options[key]}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from r1jax import checkpoint as ckpt_lib
-from r1jax.config import ConfigError
+from r1jax.config import ConfigError, parse_options
 from r1jax.interop import hf_dir
 from r1jax.interop.safetensors_files import CheckpointError, SafetensorsFiles
 
@@ -56,25 +56,18 @@ def convert(hf_path: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16"
     return {"tensors": len(files.names), "bytes": total, "seconds": seconds, "out": str(out_dir)}
 
 
-def _parse_bool(key: str, value: str) -> bool:
-    if value.lower() not in ("true", "false"):
-        raise ConfigError(key, f"expected true/false, got {value!r}")
-    return value.lower() == "true"
-
-
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import yaml
 
-    hf_path, out_dir, options = argv[0], argv[1], {}
+    hf_path, out_dir = argv[0], argv[1]
     try:
-        for item in argv[2:]:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ConfigError(item, "options must look like key=value")
-            options[key] = _parse_bool(key, value) if key == "fp8_experts" else yaml.safe_load(value)
+        _, options, fields = parse_options(argv[2:], {"dtype": str, "fp8_experts": bool}, positional=())
+        for item in fields:  # model fields
+            key, _, value = item.partition("=")
+            options[key] = yaml.safe_load(value)
         summary = convert(hf_path, out_dir, **options)
     except (CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"convert: {e}", file=sys.stderr)

@@ -297,31 +297,25 @@ def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in units:
-        raise ValueError(f"max_shard_size: cannot read {text!r} (e.g. 5GB, 500MiB, 1000000)")
+        raise ValueError(f"cannot read {text!r} (e.g. 5GB, 500MiB, 1000000)")
     return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
-def _bool(key: str, text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"{key}: expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def main(argv: list[str]) -> int:
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) != 2 or "-h" in argv or "--help" in argv:
+    from r1jax.config import parse_options
+
+    if len([a for a in argv if "=" not in a]) != 2 or "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0 if ("-h" in argv or "--help" in argv) else 2
-    options = dict(a.split("=", 1) for a in argv if "=" in a)
-    known = {"dtype", "max_shard_size", "experts", "mtp", "overwrite", "tokenizer"}
+    known = {"dtype": str, "max_shard_size": parse_size, "experts": str, "mtp": bool, "overwrite": bool,
+             "tokenizer": str}
     try:
-        if set(options) - known:
-            raise ValueError(f"unknown option {min(set(options) - known)} (known: {', '.join(sorted(known))})")
+        positional, options, _ = parse_options(argv, known, positional=("RUN_OR_PARAMS_DIR", "HF_OUT_DIR"),
+                                               unknown="error")
         kwargs = {"dtype": options.get("dtype", "bfloat16"), "experts": options.get("experts", "fused"),
-                  "mtp": _bool("mtp", options.get("mtp", "false")),
-                  "overwrite": _bool("overwrite", options.get("overwrite", "false"))}
+                  "mtp": options.get("mtp", False), "overwrite": options.get("overwrite", False)}
         if "max_shard_size" in options:
-            kwargs["max_shard_bytes"] = parse_size(options["max_shard_size"])
+            kwargs["max_shard_bytes"] = options["max_shard_size"]
         if kwargs["dtype"] not in STORAGE_DTYPES or kwargs["experts"] not in ("fused", "per_expert"):
             raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)} and experts fused or per_expert")
     except ValueError as e:

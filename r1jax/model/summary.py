@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax.config import ModelConfig, load_model
+from r1jax.config import ModelConfig, load_model, parse_options
 from r1jax.model.decoder import Decoder
 
 
@@ -93,8 +93,9 @@ def summary(cfg: ModelConfig) -> str:
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit("usage: python -m r1jax.model.summary CONFIG [key=value ...]")
-    cfg = load_model(argv[0], *argv[1:])
-    print(argv[0])
+    (path,), _, overrides = parse_options(argv, positional=("CONFIG",))
+    cfg = load_model(path, *overrides)
+    print(path)
     print(summary(cfg))
 
 

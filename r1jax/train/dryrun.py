@@ -128,16 +128,11 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    devices = None
-    rest = []
-    for item in argv[1:]:
-        if item.startswith("devices="):
-            devices = int(item.split("=", 1)[1])
-        else:
-            rest.append(item)
-    from r1jax.config import load
+    from r1jax.config import load, parse_options
 
-    cfg = load(argv[0], *rest)
+    (path,), options, rest = parse_options(argv, {"devices": int}, positional=("CONFIG",))
+    devices = options.get("devices")
+    cfg = load(path, *rest)
     if devices is None:
         sizes = (cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model)
         devices = abs(sizes[0] * sizes[1] * sizes[2]) if -1 not in sizes else 8
@@ -146,7 +141,7 @@ def main(argv: list[str]) -> int:
     from r1jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(cfg.mesh)
-    print(f"dry run: {argv[0]} on {devices} emulated devices, mesh {dict(mesh.shape)}, fsdp={cfg.mesh.fsdp}")
+    print(f"dry run: {path} on {devices} emulated devices, mesh {dict(mesh.shape)}, fsdp={cfg.mesh.fsdp}")
     report = dry_run(cfg, mesh)
     print(report.table())
     for w in report.warnings[:5]:

@@ -239,19 +239,10 @@ def format_stats(stats: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-_bool.__name__ = "bool"
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "checkpoint": str, "out": str, "k": int, "prompts": int, "split": str, "temperature": float, "top_p": float,
-    "top_k": int, "max_tokens": int, "sample_seed": int, "max_per_prompt": int, "dedupe": _bool,
-    "keep_truncated": _bool, "batch_prompts": int, "slots": int, "tokenizer": str, "timeout_s": float,
+    "top_k": int, "max_tokens": int, "sample_seed": int, "max_per_prompt": int, "dedupe": bool,
+    "keep_truncated": bool, "batch_prompts": int, "slots": int, "tokenizer": str, "timeout_s": float,
 }
 
 
@@ -264,40 +255,23 @@ class Args:
 
 
 def parse(argv: Sequence[str]) -> Args:
-    from r1jax.config import ConfigError
+    from r1jax.config import ConfigError, parse_options, parse_value, require_positive
 
-    path = argv[0] if argv and "=" not in argv[0] else None
-    options, thresholds, overrides = {}, {}, []
-    for item in argv[1:] if path else argv:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(item, "arguments must look like key=value (after an optional CONFIG)")
-        try:
-            if key.startswith("min."):
-                thresholds[key[len("min."):]] = float(value)
-            elif key in OPTIONS:
-                options[key] = OPTIONS[key](value)
-            else:
-                overrides.append(item)
-        except ValueError:
-            kind = "float" if key.startswith("min.") else OPTIONS[key].__name__
-            raise ConfigError(key, f"expected {kind}, got {value!r}") from None
+    positionals, options, rest = parse_options(argv, OPTIONS, positional=("[CONFIG]",))
+    thresholds, overrides = {}, []
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key.startswith("min."):
+            thresholds[key[len("min."):]] = parse_value(key, value, float)
+        else:
+            overrides.append(item)
     for key in ("checkpoint", "out"):
         if key not in options:
             raise ConfigError(key, f"{key}=... is required")
-    for key in ("k", "prompts", "max_tokens", "batch_prompts", "slots", "max_per_prompt"):
-        if key in options and options[key] <= 0:
-            raise ConfigError(key, f"must be positive, got {options[key]}")
+    require_positive(options, "k", "prompts", "max_tokens", "batch_prompts", "slots", "max_per_prompt")
     if options.get("split", "train") not in ("train", "eval"):
         raise ConfigError("split", f"must be train or eval, not {options['split']!r}")
-    return Args(path, options, thresholds or dict(DEFAULT_THRESHOLDS), overrides)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return Args(positionals[0] if positionals else None, options, thresholds or dict(DEFAULT_THRESHOLDS), overrides)
 
 
 def load_run(checkpoint: str | os.PathLike, config_path: str | None, overrides: Sequence[str],
@@ -316,7 +290,7 @@ def load_run(checkpoint: str | os.PathLike, config_path: str | None, overrides: 
     else:
         if "config" not in meta:
             raise config_lib.ConfigError("", f"{checkpoint} has no saved config: pass CONFIG")
-        cfg = config_lib.build(config_lib.Config, _merge(meta["config"], config_lib.load_dict(None, *overrides)))
+        cfg = config_lib.build(config_lib.Config, config_lib.merge(meta["config"], config_lib.load_dict(None, *overrides)))
     candidates = [tokenizer_file, meta.get("tokenizer"), checkpoint, checkpoint.parent, cfg.data.tokenizer,
                   cfg.init_from]
     tokenizer = find_tokenizer(candidates)
