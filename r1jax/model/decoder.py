@@ -2,12 +2,16 @@
 final norm, output head, and the MTP modules. The same class is the dense R1-Distill student
 (GQA attention, every FFN dense) when the config says so.
 
+Each block (and MTP layer) has its training form (`__call__`) and, beside it, the cached form
+the sampler runs (`cached`: the attention over a cache it writes through a `cache_io` callable,
+see `MLA.cached`); `r1jax.sampling` owns the cache storage and the walk over the stacks.
+
 Letters: B batch, T length, D width, V vocab, E experts, M MTP depth.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +54,25 @@ class Block(nnx.Module):
         else:
             y, stats = self.ffn(h), {}
         return constrain(x + y, ("batch", "length", "embed")), stats
+
+    def decode_layout(self) -> dict:
+        """The block's (or a stack's, leading layers axis) weights rearranged for the per-layer
+        single-device decode (`MLA.decode_layout`, `MoE.decode_layout`): passed back to `cached`
+        as its layout."""
+        ffn = self.ffn.decode_layout() if isinstance(self.ffn, MoE) else {}
+        return {**self.attn.decode_layout(), **ffn}
+
+    def cached(self, x, positions, cache_io: Callable, *, absorbed: bool = True,
+               layout: dict | None = None) -> tuple[jax.Array, Any]:
+        """`__call__` over this layer's cache: x [B,T,D] at positions [B,T] -> (x [B,T,D], the
+        updated cache arrays). cache_io, absorbed: see `MLA.cached`; layout: `decode_layout`
+        arrays (the per-layer decode), or None."""
+        layout = layout or {}
+        a, written = self.attn.cached(self.input_norm(x), positions, cache_io, absorbed=absorbed, layout=layout)
+        x = x + a
+        h = self.post_attn_norm(x)
+        y = self.ffn.decode(h, layout) if isinstance(self.ffn, MoE) else self.ffn(h)
+        return constrain(x + y, ("batch", "length", "embed")), written
 
 
 def stacked_blocks(cfg: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs) -> Block | None:
@@ -96,12 +119,23 @@ class MTPLayer(nnx.Module):
         self.block = Block(cfg, moe=cfg.is_moe, rngs=rngs)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
 
+    def join(self, h_prev, next_embeds) -> jax.Array:
+        """h_prev, next_embeds [B,T,D] -> the block's input [B,T,D]."""
+        joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(h_prev)], axis=-1)
+        return jnp.einsum("BTC,CD->BTD", joined, self.eh_proj[...].astype(h_prev.dtype))
+
     def __call__(self, h_prev, next_embeds, positions, segment_ids) -> tuple[jax.Array, jax.Array, dict]:
         """h_prev, next_embeds [B,T,D] -> (h [B,T,D] for the next depth, normed h for the head, stats)."""
-        joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(h_prev)], axis=-1)
-        h = jnp.einsum("BTC,CD->BTD", joined, self.eh_proj[...].astype(h_prev.dtype))
-        h, stats = self.block(h, positions, segment_ids)
+        h, stats = self.block(self.join(h_prev, next_embeds), positions, segment_ids)
         return h, self.norm(h), stats
+
+    def cached(self, h_prev, next_embeds, positions, cache_io: Callable, *, absorbed: bool = True,
+               layout: dict | None = None) -> tuple[jax.Array, jax.Array, Any]:
+        """`__call__` over this layer's cache (`Block.cached`) -> (h, normed h, the updated cache
+        arrays). layout: the block's `decode_layout` arrays, or None."""
+        h, written = self.block.cached(self.join(h_prev, next_embeds), positions, cache_io, absorbed=absorbed,
+                                       layout=layout)
+        return h, self.norm(h), written
 
 
 class Decoder(nnx.Module):

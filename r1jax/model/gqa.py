@@ -1,16 +1,20 @@
-"""Grouped-query attention of the dense R1-Distill students (Qwen2: q/k/v bias; Llama: none).
+"""Grouped-query attention of the dense R1-Distill students (Qwen2: q/k/v bias; Llama: none): the
+training form (`GQA.__call__`) and the cached form the sampler runs (`GQA.cached`, roped K and V
+cached per kv head).
 
 Letters: B batch, T length, D width, H query heads, G kv heads, K head dim.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import RotaryEmbedding, causal_attend, dtypes, normal, param, zeros
+from r1jax.model.layers import RotaryEmbedding, cache_mask, causal_attend, dtypes, normal, param, zeros
 from r1jax.parallel.rules import constrain
 
 
@@ -60,3 +64,31 @@ class GQA(nnx.Module):
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)  # head h uses kv head h // groups
         return self.output(causal_attend(q, k, v, segment_ids, self.scale))
+
+    # ------------------------------------------------------------------ cached form
+
+    def decode_layout(self) -> dict:
+        """No rearranged weights for the decode (MLA's `decode_layout` counterpart)."""
+        return {}
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache_io: Callable, *, absorbed: bool = True,
+               layout: dict | None = None) -> tuple[jax.Array, Any]:
+        """x [B,T,D] at positions [B,T] over this layer's cache -> (out [B,T,D], the updated cache
+        arrays cache_io returned). cache_io: new entries {"k", "v": [B,T,G,K]} -> (the cache
+        prefix {name: [B,S,G,K]} with them written, the updated arrays). Entry s is visible to a
+        query at position p iff s <= p. absorbed, layout: MLA's options, unused here."""
+        seen, written = cache_io(dict(zip(("k", "v"), self.project_kv(x, positions))))
+        mask = cache_mask(positions, seen["k"].shape[1])
+        return self.cached_attention(self.query(x, positions), seen["k"], seen["v"], mask), written
+
+    def cached_attention(self, q, k, v, mask) -> jax.Array:
+        """q [B,T,H,K], cached k, v [B,S,G,K], mask [B,1,T,S] -> [B,T,D]; query head h reads kv
+        head h // J (J query heads per kv head), no repeated K/V."""
+        b, t, h, kd = q.shape
+        g = k.shape[2]
+        qg = q.reshape(b, t, g, h // g, kd)
+        logits = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32) * self.scale
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BGJTS,BSGK->BTGJK", probs, v).reshape(b, t, h, kd)
+        return self.output(out)

@@ -1,4 +1,5 @@
-"""Building blocks shared by every decoder: the parameter helper, RMSNorm, SwiGLU, RoPE, attention.
+"""Building blocks shared by every decoder: the parameter helper, RMSNorm, SwiGLU, RoPE, attention
+(and the causal mask of the cached forms, `cache_mask`).
 
 Letters: B batch, T query length, S key length, D model width, H heads, K head dim, F hidden.
 """
@@ -186,3 +187,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v)
+
+
+def cache_mask(positions: jax.Array, s: int) -> jax.Array:
+    """[B,T] query positions over a cache prefix of s entries -> [B,1,T,S]: entry s is visible
+    iff s <= the query position (the cached forms' causal mask)."""
+    return (jnp.arange(s)[None, None, :] <= positions[:, :, None])[:, None]

@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3), the training / prefill form.
+"""Multi-head Latent Attention (DeepSeek-V2/V3): the training form (`MLA.__call__`) and the
+cached form the sampler runs (`MLA.cached`: prefill chunks, decode steps, verification).
 
 Letters: B batch, T length, D model width, H heads, Q q_lora rank, L kv_lora rank,
 N nope head dim (qk_nope_head_dim), R rope head dim, V value head dim.
@@ -10,16 +11,26 @@ N nope head dim (qk_nope_head_dim), R rope head dim, V value head dim.
 
 The W_kvb of the released weights is stored here split in its key half `wkv_b_k` [L,H,N] and
 value half `wkv_b_v` [L,H,V], the two sides the absorbed decode folds into q and o.
+
+Cached (spec §2): each layer caches the normed latent c [L] and the roped shared key kr [R] per
+token. Decode is "absorbed": W_kvb's key half folds into the query (q_lat = q_nope · W_kb,
+[B,T,H,L]), the scores are q_lat · c + q_rope · kr over the cached latent, and the output stays
+in latent space (probs · c) until W_kvb's value half and `wo` map it out; nothing per head is
+rebuilt from the cache. Prefill (many query tokens) uses the training form, K/V rebuilt from the
+latent (`rebuilt_attention`), which costs fewer FLOPs there.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import RMSNorm, RotaryEmbedding, causal_attend, dtypes, normal, param, softmax_scale
+from r1jax.model.layers import (RMSNorm, RotaryEmbedding, attend, cache_mask, causal_attend, dtypes, normal, param,
+                                softmax_scale)
 from r1jax.parallel.rules import constrain
 
 
@@ -63,17 +74,77 @@ class MLA(nnx.Module):
         k_rope = self.rope(k_rope[:, :, None, :], positions)[:, :, 0, :]
         return self.kv_norm(c), k_rope
 
+    def heads_kv(self, c: jax.Array, k_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-head keys and values rebuilt from the latent: c [B,S,L], k_rope [B,S,R] ->
+        (k [B,S,H,N+R], v [B,S,H,V])."""
+        dt = self.dtype
+        k_nope = jnp.einsum("BSL,LHN->BSHN", c, self.wkv_b_k[...].astype(dt))
+        v = jnp.einsum("BSL,LHV->BSHV", c, self.wkv_b_v[...].astype(dt))
+        h = k_nope.shape[2]
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, self.rope_dim))], -1)
+        return k, v
+
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """x [B,T,D], positions [B,T], segment_ids [B,T] -> [B,T,D]; causal within segments."""
         dt = self.dtype
         q_nope, q_rope = self.queries(x, positions)
         c, k_rope = self.latent(x, positions)
-        k_nope = jnp.einsum("BSL,LHN->BSHN", c, self.wkv_b_k[...].astype(dt))
-        v = jnp.einsum("BSL,LHV->BSHV", c, self.wkv_b_v[...].astype(dt))
-        h = q_nope.shape[2]
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, self.rope_dim))], -1)
+        k, v = self.heads_kv(c, k_rope)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = constrain(k, ("batch", "length", "heads", "head_dim"))
         v = constrain(v, ("batch", "length", "heads", "head_dim"))
         out = causal_attend(q, k, v, segment_ids, self.scale)
         return jnp.einsum("BTHV,HVD->BTD", out, self.wo[...].astype(dt))
+
+    # ------------------------------------------------------------------ cached form
+
+    def decode_layout(self) -> dict:
+        """W_kvb's halves heads-first, k [..., H,N,L] and v [..., H,L,V] (stored [..., L,H,N] /
+        [..., L,H,V]; leading dims: stacked layers): what `absorbed_attention` reads in the
+        single-device decode, where XLA:CPU would otherwise transpose both at every step."""
+        return {"k": jnp.moveaxis(self.wkv_b_k[...], -3, -1), "v": jnp.swapaxes(self.wkv_b_v[...], -3, -2)}
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache_io: Callable, *, absorbed: bool = True,
+               layout: dict | None = None) -> tuple[jax.Array, Any]:
+        """x [B,T,D] at positions [B,T] over this layer's cache -> (out [B,T,D], what cache_io
+        returned beside the prefix: the updated cache arrays). cache_io: new entries {"c_kv":
+        [B,T,L], "k_rope": [B,T,R]} -> (the cache prefix {name: [B,S,...]} with them written,
+        the updated arrays). Entry s is visible to a query at position p iff s <= p. absorbed:
+        the decode form (else K/V rebuilt from the latent); layout: `decode_layout` arrays."""
+        q_nope, q_rope = self.queries(x, positions)
+        seen, written = cache_io(dict(zip(("c_kv", "k_rope"), self.latent(x, positions))))
+        mask = cache_mask(positions, seen["c_kv"].shape[1])
+        attention = self.absorbed_attention if absorbed else self.rebuilt_attention
+        return attention(q_nope, q_rope, seen["c_kv"], seen["k_rope"], mask, layout), written
+
+    def absorbed_attention(self, q_nope, q_rope, c, k_rope, mask, layout: dict | None = None) -> jax.Array:
+        """Attention over the latent. q_nope [B,T,H,N], q_rope [B,T,H,R], c [B,S,L], k_rope
+        [B,S,R], mask [B,1,T,S] -> [B,T,D]. layout (`decode_layout`): W_kvb's halves as k
+        [H,N,L], v [H,L,V]."""
+        dt = self.dtype
+        if layout and "k" in layout:
+            q_lat = jnp.einsum("BTHN,HNL->BTHL", q_nope, layout["k"].astype(dt))
+        else:
+            q_lat = jnp.einsum("BTHN,LHN->BTHL", q_nope, self.wkv_b_k[...].astype(dt))
+        b, t, h, _ = q_lat.shape
+        # (T, H) as one axis G: one batched dot over B each, which XLA:CPU runs without the
+        # transposes a separate T axis costs once T > 1 (speculative verification).
+        logits = jnp.einsum("BGL,BSL->BGS", q_lat.reshape(b, t * h, -1), c, preferred_element_type=jnp.float32)
+        logits += jnp.einsum("BGR,BSR->BGS", q_rope.reshape(b, t * h, -1), k_rope,
+                             preferred_element_type=jnp.float32)
+        visible = jnp.broadcast_to(mask[:, 0, :, None, :], (b, t, h, mask.shape[-1])).reshape(b, t * h, -1)
+        logits = jnp.where(visible, logits * self.scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out_lat = jnp.einsum("BGS,BSL->BGL", probs, c).reshape(b, t, h, -1)
+        if layout and "k" in layout:
+            out = jnp.einsum("BTHL,HLV->BTHV", out_lat, layout["v"].astype(dt))
+        else:
+            out = jnp.einsum("BTHL,LHV->BTHV", out_lat, self.wkv_b_v[...].astype(dt))
+        return jnp.einsum("BTHV,HVD->BTD", out, self.wo[...].astype(dt))
+
+    def rebuilt_attention(self, q_nope, q_rope, c, k_rope, mask, layout: dict | None = None) -> jax.Array:
+        """The same attention with per-head K/V rebuilt from the latent (the training form;
+        layout unused)."""
+        k, v = self.heads_kv(c, k_rope)
+        out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, self.scale)
+        return jnp.einsum("BTHV,HVD->BTD", out, self.wo[...].astype(self.dtype))

@@ -138,8 +138,8 @@ def block_rows(m: int, e: int) -> int:
     """Rows per block of `_blocked_experts` for m (token, expert) pairs over e experts: a power of
     two near m / 4E (partial blocks, ~E * b / 2 rows, stay ~1/8 of m), at least m / E up to 128
     (each block copies its expert's weights: small-moe's 3.5 MB experts want few blocks) and at
-    most 1024. Forward + backward on this CPU: tiny-moe 2,048 tokens b 64 / 128 / 512: 30 / 25 /
-    40 ms; 36,864 tokens b 128 / 1024: 0.50 / 0.35 s; small-moe 1,024 tokens b 32 / 128: 760 / 487 ms."""
+    most 1024: larger blocks pay off on large batches, smaller ones waste less padding on small
+    ones (chosen by timing forward + backward on CPU)."""
     pow2 = lambda n: 2 ** int(math.log2(max(n, 1)))  # noqa: E731
     return int(min(1024, max(32, pow2(m // (4 * e)), min(128, pow2(m // e)))))
 
@@ -148,8 +148,8 @@ def _blocked_experts(x, routing: Routing, w_gate, w_up, w_down):
     """The CPU form of `dropless_experts`: pair (n, j) goes to row `rank within its expert` of
     its expert's run of whole blocks of b rows; every block is one dense [b, D] x [D, F] matmul
     with its expert's weights (gathered per block). No sort: ranks come from a cumulative sum of
-    one-hot expert ids, and results come back by gathering the same rows (tiny-moe's training
-    batch: 0.60 -> 0.35 s a layer, forward and backward, against argsort both ways at b 128).
+    one-hot expert ids, and results come back by gathering the same rows (faster on CPU than
+    an argsort both ways).
     Static shapes: at most ceil(M / b) + min(E, M) blocks (only non-empty experts add a partial
     block). b: `block_rows`."""
     n, k = routing.experts.shape
@@ -184,10 +184,9 @@ def small_batch_experts(x, routing, w_gate, w_up, w_down):
         token through every expert as one batched matmul per projection, then each token's K
         outputs picked and weighted.
     Once `dropless_experts` would compute fewer rows than every-expert, it takes over. The
-    engine's per-layer decode runs tiny experts past the pairs branch as `dense_moe` instead.
-    Small-moe shapes (32 experts of 768 x 384, 11 layers, per-layer arrays, uniform random
-    routing): batch 1 pairs / every expert / blocks 16 / 41 / 44 ms; batch 16 bucketed / every
-    expert / blocks 93 / 109 / 289 ms."""
+    engine's per-layer decode runs tiny experts past the pairs branch as `dense_moe` instead
+    (`MoE.decode`). Each branch was picked against the others by timing the decode at batch 1
+    and 16 on CPU."""
     n, k = routing.experts.shape
     e, d, f = w_gate.shape
     if 2 * n * k < e:
@@ -219,9 +218,8 @@ def dense_moe(x, routing: Routing, gate_up, down, e: int, f: int):
     (`dense_moe_weights`) as two plain matmuls: h [N, M] = silu(x W_gate) * x W_up, routed
     columns scaled by the token's combine weight for their expert (0 off its K), shared ones by
     1, then [N, M] x [M, D]: two dots where the batched kernels and the shared MLP take six.
-    Tiny-moe decode: routed experts alone this way took 3.23 ms a step at 64 slots against 3.57
-    for the blocked kernel (an earlier session); at 16 slots this is within noise of the every-expert kernel
-    plus the shared MLP (in-process A/B, 2.9-3.7 ms a step both)."""
+    For tiny experts' decode this is faster than the blocked kernel at many slots and on par
+    with the every-expert kernel plus the shared MLP at few (see the README)."""
     n, m = x.shape[0], down.shape[0]
     gu = jnp.einsum("ND,DM->NM", x, gate_up.astype(x.dtype)).reshape(n, 2, m // f, f)  # shared width: f multiples
     combine = jnp.sum(jnp.where(routing.experts[:, :, None] == jnp.arange(e), routing.weights[:, :, None], 0.0), 1)
@@ -244,7 +242,7 @@ def _bucketed_experts(x, routing: Routing, w_gate, w_up, w_down):
     """x [N, D] through per-expert buffers [E, C, D] as batched matmuls over the experts in
     place, C the smallest power of two (from ~N K / E) that holds the busiest expert's pairs, N
     at most: one `lax.switch` branch per C, so nothing drops and the rows computed follow the
-    routing (XLA:CPU's batched matmul at C 4 / 16: 1.5 / 2.6 ms for small-moe's [32, 768, 384])."""
+    routing (XLA:CPU's batched matmul grows costlier with C well before memory bounds it)."""
     n, k = routing.experts.shape
     e, d, _ = w_gate.shape
     flat = routing.experts.reshape(-1)
@@ -331,6 +329,32 @@ class MoE(nnx.Module):
         """x [N,D] -> the routing of its tokens (`route`)."""
         logits = jnp.einsum("ND,DE->NE", x.astype(jnp.float32), self.gate[...])
         return route(logits, self.bias[...] if hasattr(self, "bias") else None, self.cfg)
+
+    def decode_layout(self) -> dict:
+        """{"experts": `dense_moe_weights` of the routed experts (at most 2^18 weights each) and
+        the shared one} for `decode`; {} for larger experts. Leading dims: stacked layers."""
+        if math.prod(self.w_gate.shape[-3:]) > 1 << 18:
+            return {}
+        shared = (self.shared.gate_proj[...], self.shared.up_proj[...], self.shared.down_proj[...]) \
+            if self.cfg.n_shared_experts else None
+        fn = dense_moe_weights if self.w_gate.ndim == 3 else jax.vmap(dense_moe_weights)
+        return {"experts": fn(*self.expert_weights(), shared)}
+
+    def decode(self, x: jax.Array, layout: dict | None = None) -> jax.Array:
+        """x [B,T,D] -> y [B,T,D] (no stats) for the cached forms. In the single-device decode
+        (`small_batch_experts` in use), with a dense layout (`decode_layout`) and past the
+        gathered-pairs range, it runs as `dense_moe`: the router, then two dots for the routed
+        and shared experts together."""
+        b, t, d = x.shape
+        cfg = self.cfg
+        if (layout and "experts" in layout and _EXPERT_FN.get() is small_batch_experts
+                and 2 * b * t * cfg.num_experts_per_tok >= cfg.n_routed_experts):
+            flat = x.reshape(b * t, d)
+            dense = layout["experts"]
+            y = dense_moe(flat, self.routing(flat), dense["gate_up"], dense["down"], cfg.n_routed_experts,
+                          cfg.moe_intermediate_size)
+            return y.reshape(b, t, d)
+        return self(x)[0]
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x [B,T,D] -> (y [B,T,D], stats: loads [E], balance_loss [], plus the dispatch's metrics).

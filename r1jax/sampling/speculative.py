@@ -35,28 +35,23 @@ from flax import nnx
 
 from r1jax.model.decoder import Decoder
 from r1jax.sampling.cache import Cache, init_cache
-from r1jax.sampling.engine import (Placement, Weights, _bits, _cache_dtype, _decode_layout, _decode_placement,
-                                   _layer_cache, _pow2, _unbits, argmax_first, block_cached, sampling_jit,
-                                   forward_cached)
-
-
-def _mtp_layout(model: Decoder) -> dict:
-    """The MTP block's arrays in the per-layer decode's layouts (`engine._decode_layout`)."""
-    return _decode_layout(model.mtp[0].block)
+from r1jax.sampling.forward import cache_dtype, forward_cached, from_bits, layer_cache, to_bits
+from r1jax.sampling.layout import Placement, Weights, decode_placement
+from r1jax.sampling.steps import pow2, sampling_jit
+from r1jax.sampling.tokens import argmax_first
 
 
 def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: int, dtype, absorbed: bool,
                layout: dict | None = None):
-    """MTP depth 1 over the cache (bits arrays, see `forward_cached`): h_prev [B,T,D] (main
-    hidden at positions), next_tokens [B,T] (the token after each position) -> (draft logits
-    [B,T,V], stacks). layout: `_mtp_layout`, for the single-device decode."""
-    layer = model.mtp[0]
-    joined = jnp.concatenate([layer.enorm(model.embed_tokens(next_tokens)), layer.hnorm(h_prev)], axis=-1)
-    h = jnp.einsum("BTC,CD->BTD", joined, layer.eh_proj[...].astype(h_prev.dtype))
+    """MTP depth 1 over the cache (bits arrays, see `forward_cached`; `MTPLayer.cached`):
+    h_prev [B,T,D] (main hidden at positions), next_tokens [B,T] (the token after each
+    position) -> (draft logits [B,T,V], stacks). layout: the MTP block's `decode_layout`, for
+    the single-device decode."""
     stacks = dict(stacks)
-    cache_io = _layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
-    h, stacks["mtp"] = block_cached(layer.block, h, positions, cache_io, absorbed, layout)
-    return model.head(layer.norm(h)), stacks
+    cache_io = layer_cache(stacks["mtp"], 0, None, positions, s, dtype)
+    _, normed, stacks["mtp"] = model.mtp[0].cached(h_prev, model.embed_tokens(next_tokens), positions, cache_io,
+                                                   absorbed=absorbed, layout=layout)
+    return model.head(normed), stacks
 
 
 @sampling_jit(static_argnums=(0, 1), donate_argnames=("cache",))
@@ -66,8 +61,8 @@ def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache
         model = nnx.merge(graphdef, params, extra)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        dtype, s = _cache_dtype(cache), min(_pow2(t), cache.max_len)
-        stacks = jax.tree.map(_bits, cache.stacks)
+        dtype, s = cache_dtype(cache), min(pow2(t), cache.max_len)
+        stacks = jax.tree.map(to_bits, cache.stacks)
         x, stacks = forward_cached(model, stacks, tokens, positions, None, s, dtype, absorbed=False,
                                    layer_states=layers)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
@@ -77,7 +72,7 @@ def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache
         mtp_logits, stacks = mtp_cached(model, stacks, x, nxt, positions, s, dtype, absorbed=False)
         draft_logits = jnp.take_along_axis(mtp_logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
         draft = argmax_first(draft_logits)
-    return Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths), first, draft
+    return Cache(jax.tree.map(lambda a: from_bits(a, dtype), stacks), lengths), first, draft
 
 
 @sampling_jit(static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
@@ -89,10 +84,10 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
     has) replaces the MTP's drafts -> (cache, y [B,steps,2], accepted [B,steps], ran [B,steps],
     last, draft)."""
     b = last.shape[0]
-    dtype = _cache_dtype(cache)
-    with _decode_placement(placement):
+    dtype = cache_dtype(cache)
+    with decode_placement(placement):
         model = nnx.merge(graphdef, params, extra)
-        mtp_layout = _mtp_layout(model)  # once a call, outside the loop
+        mtp_layout = model.mtp[0].block.decode_layout()  # once a call, outside the loop
         budget0 = budget
 
         def body(carry):
@@ -120,10 +115,10 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
         def cond(carry):
             return (carry[0] < steps) & jnp.any(carry[5] > 0)
 
-        init = (jnp.int32(0), jax.tree.map(_bits, cache.stacks), cache.lengths, last, draft, budget,
+        init = (jnp.int32(0), jax.tree.map(to_bits, cache.stacks), cache.lengths, last, draft, budget,
                 jnp.zeros((b, steps, 2), jnp.int32), jnp.zeros((b, steps), bool), jnp.zeros((b, steps), bool))
         _, stacks, lengths, last, draft, _, out_y, out_acc, out_ran = jax.lax.while_loop(cond, body, init)
-        cache = Cache(jax.tree.map(lambda a: _unbits(a, dtype), stacks), lengths)
+        cache = Cache(jax.tree.map(lambda a: from_bits(a, dtype), stacks), lengths)
     return cache, out_y, out_acc, out_ran, last, draft
 
 
@@ -158,8 +153,8 @@ def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_t
         w = w.unstacked()  # as `Engine` does on one CPU device
     b = len(prompts)
     longest = max(len(p) for p in prompts)
-    t = _pow2(longest, min_bucket)
-    max_len = max_len or _pow2(t + max_tokens + 2, 64)
+    t = pow2(longest, min_bucket)
+    max_len = max_len or pow2(t + max_tokens + 2, 64)
     cache = init_cache(cfg, b, max_len, dtype=cache_dtype, mtp=True)
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
@@ -177,7 +172,7 @@ def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_t
     while min(len(o) for o in out) < max_tokens:
         budget = np.asarray([max_tokens - len(o) for o in out], np.int32)
         reach = max(len(p) + len(o) for p, o in zip(prompts, out) if len(o) < max_tokens) + 2 * chunk + 1
-        bucket = min(_pow2(reach, min_bucket), max_len)
+        bucket = min(pow2(reach, min_bucket), max_len)
         forced = None if forced_drafts is None else (forced_drafts, np.asarray([len(o) for o in out], np.int32))
         cache, y, accepted, ran, last, draft = _verify_chunk(w.graphdef, placement, chunk, bucket, w.params,
                                                              w.extra, w.layers, cache, last, draft, budget, forced)

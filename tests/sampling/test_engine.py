@@ -14,6 +14,7 @@ from r1jax.config import MeshConfig
 from r1jax.parallel.mesh import make_mesh
 from r1jax.sampling import cache as cache_lib
 from r1jax.sampling import engine as eng
+from r1jax.sampling import steps
 from r1jax.sampling.engine import Engine, SamplingParams, generate
 from tests.sampling import full_logits, prompts, tiny_gqa, tiny_moe
 
@@ -290,10 +291,10 @@ def test_decode_updates_the_cache_in_place(unstacked):
     slots, max_len = 4, 64
     cache = cache_lib.init_cache(model.cfg, slots, max_len)
     z = np.zeros(slots, np.int32)
-    hlo = eng._decode_chunk.lower(
+    hlo = steps.decode_chunk.lower(
         w.graphdef, eng.Placement(), 4, max_len, w.params, w.extra, w.layers, cache, z, np.ones(slots, bool),
-        np.zeros(slots, np.float32), z, np.ones(slots, np.float32), z.astype(np.uint32), z, z,
-        np.full(slots, 8, np.int32), np.full((slots, 1), -1, np.int32)).compile().as_text()
+        steps.SlotParams(np.zeros(slots, np.float32), z, np.ones(slots, np.float32), z.astype(np.uint32), z, z),
+        steps.StopParams(np.full(slots, 8, np.int32), np.full((slots, 1), -1, np.int32))).compile().as_text()
     shapes = {f"u16[{','.join(map(str, a.shape))}]" for s in cache.stacks.values() for a in s.values()}
     copies = [line for line in hlo.splitlines() if " copy(" in line and any(sh in line for sh in shapes)]
     assert not copies, copies[:2]
