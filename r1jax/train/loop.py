@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -30,7 +28,6 @@ from r1jax.train.state import learning_rate_schedule
 from r1jax.train.step import TrainStep
 
 log = logging.getLogger(__name__)
-_KILL_AT_STEP = int(os.environ.get("R1JAX_FAULT_KILL_AT_STEP", "0"))
 CURVES = ("loss", "eval_loss", "mtp_ce", "balance_loss", "grad_norm", "lr", "tokens_per_s")
 
 
@@ -167,8 +164,6 @@ def train(cfg: Config) -> TrainSummary:
                     log.warning("step %d: no checkpoint after a non-finite step", step + 1)
                 else:
                     checkpointer.save(step + 1, state, data_state=iterator.get_state(), meta=meta)
-            if step + 1 == _KILL_AT_STEP:  # fault injection for the kill-and-resume test
-                os.kill(os.getpid(), signal.SIGKILL)
         if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
             eval_loss = _evaluate(step_fn, state, held_out)["loss"]
             logger.log(cfg.steps, {"loss": eval_loss}, prefix="eval_")

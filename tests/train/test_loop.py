@@ -1,8 +1,11 @@
 """train.py end to end: a run killed with SIGKILL and resumed equals the straight run, bitwise."""
 
-import os
+import json
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -11,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax import config as config_lib
+from r1jax.checkpoint import _finished_steps
 from r1jax.model.decoder import Decoder
 from r1jax.train.losses import lm_loss, masked_mean, mtp_targets, token_cross_entropy
 from r1jax.train.metrics import read_jsonl
@@ -22,10 +26,50 @@ RUN = ["configs/tiny-pretrain.yaml", "model.num_hidden_layers=2", "model.vocab_s
        "optim.warmup_steps=2", "optim.decay_steps=6", "checkpoint.every=3", "checkpoint.keep=2"]
 
 
-def _train(run_dir, *extra, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "train.py", *RUN, f"run_dir={run_dir}", *extra], cwd=REPO, env=env,
+def _train(run_dir, *extra):
+    return subprocess.run([sys.executable, "train.py", *RUN, f"run_dir={run_dir}", *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
+
+
+def _logged_steps(metrics: Path) -> list[int]:
+    """Steps with a loss in a metrics.jsonl being written (a line may be half there)."""
+    steps = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
+def _train_and_kill(run_dir) -> int:
+    """Starts train.py and SIGKILLs it from outside once a step after its newest finished
+    checkpoint is logged (so the resumed run redoes steps, as after a real crash). Returns the
+    newest finished checkpoint at the kill, read while the process is stopped."""
+    metrics, checkpoints = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "checkpoints"
+    log = Path(f"{run_dir}.log")  # a file, not a pipe: a full pipe would stall the run
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "train.py", *RUN, f"run_dir={run_dir}"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            assert proc.poll() is None, f"train.py ended before the kill: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no step after a checkpoint was logged in time"
+            finished = _finished_steps(checkpoints)
+            logged = _logged_steps(metrics)
+            if finished and logged and max(logged) > finished[-1]:
+                proc.send_signal(signal.SIGSTOP)  # no save can finish while we look
+                newest = _finished_steps(checkpoints)[-1]
+                break
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -9
+    return newest
 
 
 def _losses(run_dir):
@@ -39,12 +83,11 @@ def _losses(run_dir):
 def test_killed_and_resumed_run_equals_straight_run(tmp_path):
     straight = _train(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _train(tmp_path / "killed", env_extra={"R1JAX_FAULT_KILL_AT_STEP": "5"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert (tmp_path / "killed" / "checkpoints").exists()
+    newest = _train_and_kill(tmp_path / "killed")
+    assert 3 <= newest < 8  # killed mid-run, after a checkpoint (every 3 steps)
     resumed = _train(tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step     3" in resumed.stdout, resumed.stdout
+    assert [int(s) for s in re.findall(r"resumed from step\s+(\d+)", resumed.stdout)] == [newest], resumed.stdout
 
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 9))
