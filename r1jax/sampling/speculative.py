@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,20 @@ def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache
     return Cache(jax.tree.map(lambda a: from_bits(a, dtype), stacks), lengths), first, draft
 
 
+class _VerifyLoop(NamedTuple):
+    """The state of `_verify_chunk`'s while_loop."""
+
+    step: jax.Array  # [] int32
+    stacks: dict  # cache arrays as their bits (`to_bits`)
+    lengths: jax.Array  # [B]
+    last: jax.Array  # [B] token at the row's length, not yet in the cache
+    draft: jax.Array  # [B] the MTP's guess for the token after it
+    budget: jax.Array  # [B] tokens the row still needs
+    y: jax.Array  # [B, steps, 2] out
+    accepted: jax.Array  # [B, steps] out
+    ran: jax.Array  # [B, steps] out
+
+
 @sampling_jit(static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
 def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, layers, cache: Cache,
                   last, draft, budget, forced=None):
@@ -90,7 +104,7 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
         mtp_layout = model.mtp[0].block.decode_layout()  # once a call, outside the loop
         budget0 = budget
 
-        def body(carry):
+        def body(carry: _VerifyLoop) -> _VerifyLoop:
             j, stacks, lengths, last, draft, budget, out_y, out_acc, out_ran = carry
             run = budget > 0
             positions = lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
@@ -110,13 +124,15 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
                 table, had = forced
                 index = jnp.minimum(had + budget0 - budget + emitted, table.shape[1] - 1)
                 draft = jnp.take_along_axis(table, index[:, None], axis=1)[:, 0]
-            return j + 1, stacks, lengths + emitted, last, draft, budget - emitted, out_y, out_acc, out_ran
+            return _VerifyLoop(j + 1, stacks, lengths + emitted, last, draft, budget - emitted, out_y, out_acc,
+                               out_ran)
 
-        def cond(carry):
-            return (carry[0] < steps) & jnp.any(carry[5] > 0)
+        def cond(carry: _VerifyLoop):
+            return (carry.step < steps) & jnp.any(carry.budget > 0)
 
-        init = (jnp.int32(0), jax.tree.map(to_bits, cache.stacks), cache.lengths, last, draft, budget,
-                jnp.zeros((b, steps, 2), jnp.int32), jnp.zeros((b, steps), bool), jnp.zeros((b, steps), bool))
+        init = _VerifyLoop(jnp.int32(0), jax.tree.map(to_bits, cache.stacks), cache.lengths, last, draft, budget,
+                           jnp.zeros((b, steps, 2), jnp.int32), jnp.zeros((b, steps), bool),
+                           jnp.zeros((b, steps), bool))
         _, stacks, lengths, last, draft, _, out_y, out_acc, out_ran = jax.lax.while_loop(cond, body, init)
         cache = Cache(jax.tree.map(lambda a: from_bits(a, dtype), stacks), lengths)
     return cache, out_y, out_acc, out_ran, last, draft

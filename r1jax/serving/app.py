@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.sampling.engine import Engine, Event, SamplingParams
 from r1jax.serving import protocol as p
-from r1jax.serving.reasoning import ReasoningSplitter, _partial_suffix, opens_reasoning, split_reasoning
+from r1jax.serving.reasoning import ReasoningSplitter, opens_reasoning, partial_suffix, split_reasoning
 from r1jax.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ChoiceText:
         safe = len(text)
         while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
             safe -= 1
-        safe -= max((_partial_suffix(text[:safe], s) for s in self.stops), default=0)
+        safe -= max((partial_suffix(text[:safe], s) for s in self.stops), default=0)
         new = text[self.sent: safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return new

@@ -30,7 +30,7 @@ from r1jax.data.tokenizer import THINK_END, THINK_START
 _BEFORE, _THINKING, _AFTER_THINK, _CONTENT = range(4)
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest proper suffix of `text` that is a prefix of `marker`."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-n:]):
@@ -78,7 +78,7 @@ class ReasoningSplitter:
                     self.state = _AFTER_THINK
                     continue
                 # hold back a possible start of </think>, and trailing whitespace before it
-                keep = _partial_suffix(self.buf, THINK_END)
+                keep = partial_suffix(self.buf, THINK_END)
                 body = self.buf[: len(self.buf) - keep]
                 stripped = body.rstrip()
                 reasoning += stripped
