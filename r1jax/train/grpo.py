@@ -21,7 +21,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from r1jax import checkpoint as ckpt_lib
@@ -34,11 +33,11 @@ from r1jax.sampling.engine import Engine, SamplingParams, Weights
 from r1jax.train import advantages as adv_lib
 from r1jax.train import rewards as rewards_lib
 from r1jax.train.evaluate import evaluate_tasks
-from r1jax.train.loop import start_state
-from r1jax.train.metrics import MetricsLogger, plot_curves, to_python
+from r1jax.train.loop import finish_run, plot_run, start_state
+from r1jax.train.metrics import MetricsLogger, to_python
 from r1jax.train.policy_loss import grpo_loss, token_entropy, token_logprobs
 from r1jax.train.state import TrainState
-from r1jax.train.step import TrainStep, guard_nonfinite, load_metrics, update_routing_biases
+from r1jax.train.step import TrainStep
 
 log = logging.getLogger(__name__)
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask", "advantages", "old_logp",
@@ -82,15 +81,8 @@ class GrpoStep(TrainStep):
             return total, (dict(metrics, loss=total, policy_loss=loss, entropy=entropy), out)
 
         (_, (metrics, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        extra = update_routing_biases(state.extra, out.expert_loads, None, self.cfg.model.bias_update_speed)
-        grad_norm = optax.global_norm(grads)
-        metrics = dict(metrics, grad_norm=grad_norm)
-        if out.expert_loads is not None:
-            metrics.update(load_metrics(out.expert_loads))
-        return guard_nonfinite(state, TrainState(state.step + 1, params, extra, opt_state), metrics, grad_norm), \
-            metrics, None
+        new_state, metrics = self._update(state, grads, metrics, out.expert_loads, None)
+        return new_state, metrics, None
 
     def logprobs(self, params, extra, batch):
         if not hasattr(self, "_logprobs"):
@@ -384,17 +376,12 @@ class GrpoTrainer:
             if self.eval_records and (last_eval is None or (g.eval_every and cfg.steps % g.eval_every)):
                 last_eval = self.evaluate(state)
                 logger.log(cfg.steps, last_eval, prefix="eval_")
-            if self.checkpointer.latest_step() != cfg.steps:
-                self.checkpointer.save(cfg.steps, state, data_state=self.prompts.get_state(),
-                                       meta={"iteration": cfg.steps, "config": to_dict(cfg)}, force=True)
-            self.checkpointer.wait()
-            ckpt_lib.export_params(self.run_dir / "params", state, {"config": to_dict(cfg)})
+            finish_run(self.checkpointer, state, cfg.steps, self.run_dir, data_state=self.prompts.get_state(),
+                       meta={"iteration": cfg.steps, "config": to_dict(cfg)}, export_meta={"config": to_dict(cfg)})
         finally:
             logger.close()
             self.checkpointer.close()
-        plot = None
-        if jax.process_index() == 0 and logger.history:
-            plot = str(plot_curves(logger.history, self.run_dir / "curves.png", CURVES, title="GRPO"))
+        plot = plot_run(logger, self.run_dir / "curves.png", CURVES, "GRPO")
         return {"first_eval": first_eval, "final_eval": last_eval, "rollout_s": rollout_s, "update_s": update_s,
                 "rollout_tokens_per_s": rollout_tokens / max(rollout_s, 1e-9), "plot": plot,
                 "wall_s": time.perf_counter() - t_start, "state": state}

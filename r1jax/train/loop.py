@@ -93,6 +93,23 @@ def start_state(cfg: Config, step_fn: TrainStep, checkpointer: ckpt_lib.Checkpoi
     return state, None
 
 
+def finish_run(checkpointer: ckpt_lib.Checkpointer, state, steps: int, run_dir: Path, *, data_state, meta: dict,
+               export_meta: dict) -> Path:
+    """The end of a run (pretrain / SFT and GRPO): the last step checkpointed unless it just was,
+    the saves awaited, and the params exported to `run_dir/params` (serving, `init_from`)."""
+    if checkpointer.latest_step() != steps:
+        checkpointer.save(steps, state, data_state=data_state, meta=meta, force=True)
+    checkpointer.wait()
+    return ckpt_lib.export_params(run_dir / "params", state, export_meta)
+
+
+def plot_run(logger: MetricsLogger, path: Path, curves: tuple[str, ...], title: str) -> str | None:
+    """The run's curves as a PNG (the first process only), or None."""
+    if jax.process_index() == 0 and logger.history:
+        return str(plot_curves(logger.history, path, curves, title=title))
+    return None
+
+
 def train(cfg: Config) -> TrainSummary:
     """Runs `cfg.steps` optimizer steps of `cfg.mode` (pretrain or sft) and returns a summary."""
     if cfg.mode not in ("pretrain", "sft"):
@@ -167,17 +184,13 @@ def train(cfg: Config) -> TrainSummary:
         if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
             eval_loss = _evaluate(step_fn, state, held_out)["loss"]
             logger.log(cfg.steps, {"loss": eval_loss}, prefix="eval_")
-        if checkpointer.latest_step() != cfg.steps:
-            checkpointer.save(cfg.steps, state, data_state=iterator.get_state(), meta=meta, force=True)
-        checkpointer.wait()
+        finish_run(checkpointer, state, cfg.steps, run_dir, data_state=iterator.get_state(), meta=meta,
+                   export_meta=meta)
         params_dir = run_dir / "params"
-        ckpt_lib.export_params(params_dir, state, meta)
     finally:
         logger.close()
         checkpointer.close()
-    plot = None
-    if jax.process_index() == 0 and logger.history:
-        plot = str(plot_curves(logger.history, run_dir / "curves.png", CURVES, title=f"{cfg.mode}: {run_dir.name}"))
+    plot = plot_run(logger, run_dir / "curves.png", CURVES, f"{cfg.mode}: {run_dir.name}")
     mean_speed = float(np.mean(speeds)) if speeds else None
     return TrainSummary(
         run_dir=str(run_dir), steps=cfg.steps, first_loss=first_loss, final_loss=last_loss,

@@ -170,16 +170,22 @@ class TrainStep:
 
     def _train_step(self, state: TrainState, batch: dict):
         grads, metrics, aux = self._accumulated_grads(state.params, state.extra, batch)
+        loads, mtp_loads = aux.pop("loads"), aux.pop("mtp_loads")
+        new_state, metrics = self._update(state, grads, metrics, loads, mtp_loads, **aux)
+        return new_state, metrics, grads if self.keep_grads else None
+
+    def _update(self, state: TrainState, grads, metrics: dict, loads, mtp_loads, **aux) -> tuple[TrainState, dict]:
+        """Gradients -> the next state: optimizer (clipping inside), routing biases from the expert
+        loads, and the non-finite guard (an update with a NaN/inf loss or grad norm is dropped).
+        Returns it with `metrics` plus grad_norm, `aux` and the load metrics. GRPO's step too."""
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        loads, mtp_loads = aux.pop("loads"), aux.pop("mtp_loads")
         extra = update_routing_biases(state.extra, loads, mtp_loads, self.cfg.model.bias_update_speed)
         grad_norm = optax.global_norm(grads)
         metrics = dict(metrics, grad_norm=grad_norm, **aux)
         if loads is not None:
             metrics.update(load_metrics(loads))
-        new_state = guard_nonfinite(state, TrainState(state.step + 1, params, extra, opt_state), metrics, grad_norm)
-        return new_state, metrics, grads if self.keep_grads else None
+        return guard_nonfinite(state, TrainState(state.step + 1, params, extra, opt_state), metrics, grad_norm), metrics
 
     # ------------------------------------------------------------------ host API
 
