@@ -396,13 +396,24 @@ class Config:
         _require(self.batch_size % self.grad_accum == 0, "grad_accum",
                  f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
-        if self.mesh.model > 1:
-            heads = m.kv_heads if not m.is_mla else m.num_attention_heads
-            _require(heads % self.mesh.model == 0, "mesh.model",
-                     f"{heads} attention heads are not divisible by mesh.model={self.mesh.model}")
-        if self.mesh.expert > 1 and m.is_moe:
-            _require(m.n_routed_experts % self.mesh.expert == 0, "mesh.expert",
-                     f"n_routed_experts={m.n_routed_experts} is not divisible by mesh.expert={self.mesh.expert}")
+        check_fits(m, model=self.mesh.model, expert=self.mesh.expert)  # sizes known before the mesh exists
+
+
+def check_fits(cfg: ModelConfig, *, model: int, expert: int, data: int | None = None,
+               batch_size: int | None = None) -> None:
+    """The one check that a model splits over a mesh: attention heads over `mesh.model`, routed
+    experts over `mesh.expert`, and (with `data` and `batch_size`) the batch over data*expert.
+    Sizes below 2 (1, or -1 before the mesh resolves it) are not checked. ConfigError naming the key.
+    `Config` checks its configured sizes; `parallel.mesh.check_model_fits` the built mesh's."""
+    if model > 1:
+        heads = cfg.kv_heads if not cfg.is_mla else cfg.num_attention_heads
+        _require(heads % model == 0, "mesh.model", f"{heads} attention heads are not divisible by mesh.model={model}")
+    if expert > 1 and cfg.is_moe:
+        _require(cfg.n_routed_experts % expert == 0, "mesh.expert",
+                 f"n_routed_experts={cfg.n_routed_experts} is not divisible by mesh.expert={expert}")
+    if batch_size is not None and data is not None:
+        shards = data * max(expert, 1)
+        _require(batch_size % shards == 0, "batch_size", f"{batch_size} sequences do not split over data*expert={shards}")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from r1jax.config import ConfigError, DistributedConfig, MeshConfig, ModelConfig
+from r1jax.config import ConfigError, DistributedConfig, MeshConfig, ModelConfig, check_fits
 
 AXES = ("data", "expert", "model")
 log = logging.getLogger(__name__)
@@ -62,16 +62,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 
 def check_model_fits(mesh: Mesh, model: ModelConfig, batch_size: int | None = None) -> None:
     """Fails before compiling when heads, experts or the batch do not split over their axes."""
-    m, e = mesh.shape["model"], mesh.shape["expert"]
-    heads = model.num_attention_heads if model.is_mla else model.kv_heads
-    if heads % m:
-        raise ConfigError("mesh.model", f"{heads} attention heads are not divisible by mesh.model={m}")
-    if model.is_moe and model.n_routed_experts % e:
-        raise ConfigError("mesh.expert", f"n_routed_experts={model.n_routed_experts} not divisible by mesh.expert={e}")
-    if batch_size is not None:
-        shards = mesh.shape["data"] * e
-        if batch_size % shards:
-            raise ConfigError("batch_size", f"{batch_size} sequences do not split over data*expert={shards}")
+    check_fits(model, model=mesh.shape["model"], expert=mesh.shape["expert"], data=mesh.shape["data"],
+               batch_size=batch_size)
 
 
 def initialize_distributed(cfg: DistributedConfig) -> None:
