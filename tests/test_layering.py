@@ -53,9 +53,8 @@ ENTRY_POINTS = {
 # Violations not fixed yet, (importer, imported) for the order and (importer, "module:_name") for
 # private names. The test fails on a new violation and on an entry that no longer is one.
 KNOWN = {
-    # Both take the sharding helpers from their old home; switch to r1jax.parallel.sharding.shardings.
+    # Takes the sharding helpers from their old home; switch to r1jax.parallel.sharding.shardings.
     ("r1jax.sampling.engine", "r1jax.train.state"),
-    ("r1jax.interop.hf_dir", "r1jax.train.state"),
 }
 
 

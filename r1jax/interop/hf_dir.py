@@ -318,7 +318,7 @@ def abstract_model(cfg: ModelConfig, mesh=None, rules=None):
     if mesh is None:
         return graphdef, state
     from r1jax.parallel.rules import rules_for
-    from r1jax.train.state import shardings
+    from r1jax.parallel.sharding import shardings
 
     sh = shardings(state, mesh, rules or rules_for())
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
