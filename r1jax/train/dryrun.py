@@ -58,9 +58,15 @@ class DryRunReport:
 
 
 class CaptureStderr:
-    """Captures what C++ (XLA) writes to file descriptor 2."""
+    """Captures what C++ (XLA) writes to file descriptor 2 while compiling. The persistent
+    compilation cache is off inside: a program found on disk is not compiled again, so its
+    partitioner warnings would never be printed (and the checks for them would see nothing)."""
 
     def __enter__(self):
+        import jax
+
+        self._cache = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
         self._file = tempfile.TemporaryFile(mode="w+b")
         sys.stderr.flush()
         self._saved = os.dup(2)
@@ -74,6 +80,9 @@ class CaptureStderr:
         self._file.seek(0)
         self.text = self._file.read().decode(errors="replace")
         self._file.close()
+        import jax
+
+        jax.config.update("jax_enable_compilation_cache", self._cache)
         return False
 
 
