@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from r1jax.config import ModelConfig
-from r1jax.parallel.rules import MeshAxes, to_pspec
+from r1jax.parallel.rules import MeshAxes
+from r1jax.parallel.sharding import spec_for
 
 
 @struct.dataclass
@@ -63,31 +64,17 @@ def bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16, mtp: bool = False) -> 
     return per_layer * jnp.dtype(dtype).itemsize * sum(stack_layers(cfg, mtp).values())
 
 
-def _spec(shape, names, rules: dict[str, MeshAxes], mesh: Mesh) -> PartitionSpec:
-    """The table's spec, less any mesh axis that does not divide its dimension."""
-    out = []
-    for dim, axes in zip(shape, to_pspec(names, rules, mesh.axis_names)):
-        group = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        keep, size = [], 1
-        for a in group:
-            if dim % (size * mesh.shape[a]) == 0:
-                keep.append(a)
-                size *= mesh.shape[a]
-        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
-    return PartitionSpec(*out)
-
-
 def cache_shardings(cfg: ModelConfig, slots: int, max_len: int, mesh: Mesh, rules: dict[str, MeshAxes],
                     mtp: bool = False) -> Cache:
     """A `Cache`-shaped tree of NamedShardings."""
     stacks = {}
     for name, layers in stack_layers(cfg, mtp).items():
         stacks[name] = {
-            k: NamedSharding(mesh, _spec((layers, slots, max_len) + shape, ("layers", "batch", "length") + axes,
+            k: NamedSharding(mesh, spec_for((layers, slots, max_len) + shape, ("layers", "batch", "length") + axes,
                                          rules, mesh))
             for k, (shape, axes) in entry_shapes(cfg).items()
         }
-    return Cache(stacks, NamedSharding(mesh, _spec((slots,), ("batch",), rules, mesh)))
+    return Cache(stacks, NamedSharding(mesh, spec_for((slots,), ("batch",), rules, mesh)))
 
 
 def init_cache(cfg: ModelConfig, slots: int, max_len: int, *, dtype=jnp.bfloat16, mtp: bool = False,

@@ -111,7 +111,7 @@ class Engine:
         self.min_rows = 1
         self.cache_shardings = None
         if mesh is not None:
-            from r1jax.train.state import shardings
+            from r1jax.parallel.sharding import shardings
 
             rules = rules or rules_lib.rules_for(False)
             batch_axes = rules_lib.to_pspec(("batch",), rules, mesh.axis_names)[0]
