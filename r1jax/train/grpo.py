@@ -29,7 +29,7 @@ from r1jax.data.datasets import load_or_train_tokenizer, task_options
 from r1jax.data.tasks import corpus
 from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
-from r1jax.sampling.engine import Engine, SamplingParams, Weights
+from r1jax.sampling import Engine, SamplingParams, Weights, generate
 from r1jax.train import advantages as adv_lib
 from r1jax.train import rewards as rewards_lib
 from r1jax.train.evaluate import evaluate_tasks
@@ -164,12 +164,7 @@ class GrpoTrainer:
         engine = self._engine(state)
         sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
                                   max_tokens=g.max_completion_length, stop_token_ids=(self.tokenizer.eos_id,))
-        for i, p in enumerate(prompts):
-            for j in range(g.num_generations):
-                engine.add_request(("rollout", i, j), p["prompt_ids"], sampling, sample_index=j)
-        while engine.has_work():
-            engine.step()
-        return [[engine.pop_result(("rollout", i, j)) for j in range(g.num_generations)] for i in range(len(prompts))]
+        return generate(None, [p["prompt_ids"] for p in prompts], sampling, g.num_generations, engine=engine)
 
     def _score(self, prompts, completions):
         g = self.cfg.grpo
