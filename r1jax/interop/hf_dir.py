@@ -176,8 +176,8 @@ def _dequantize(q, scale_inv, block, dtype):
 
 
 def _dequantize_on_host(q: np.ndarray, scale_inv: np.ndarray, block, dtype) -> np.ndarray:
-    """`fp8.dequantize` compiled for the host CPU: the same bits, ~10x faster than NumPy's
-    float8 -> f32 -> bf16 casts (ml_dtypes converts element by element)."""
+    """`fp8.dequantize` compiled for the host CPU: the same bits, much faster than NumPy's
+    float8 -> f32 -> bf16 casts, which ml_dtypes converts element by element (benchmarks/convert.py)."""
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return np.asarray(_dequantize(q, scale_inv, tuple(block), dtype))
 

@@ -42,7 +42,7 @@ from r1jax.train.step import TrainStep
 log = logging.getLogger(__name__)
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask", "advantages", "old_logp",
                 "ref_logp")
-LENGTH_BUCKET = 16  # rollout batches are padded to a multiple of this, not to seq_len (XLA:CPU: 144 is 25% faster than 160)
+LENGTH_BUCKET = 16  # rollout batches are padded to a multiple of this, not to seq_len (a shorter padded length is a faster update)
 CURVES = ("reward", "accuracy", "completion_length", "eval_pass@1", "eval_greedy_accuracy", "kl", "entropy",
           "frac_reward_zero_std")
 
