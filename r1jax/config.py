@@ -117,7 +117,7 @@ class ModelConfig:
     # Layers per iteration of the layer scan (`lax.scan(unroll=)`); >= the stack's depth compiles
     # straight-line code (no while loop, no stacked residual buffers) at the price of compile time
     # growing with depth. Keep 1 for deep models. The sampling engine's layer scans use it too:
-    # On XLA:CPU a tiny model's straight-line decode is faster at batch 1 (README, decode benchmark).
+    # on XLA:CPU a tiny model decodes faster at batch 1 straight-line.
     scan_unroll: int = 1
 
     @property
