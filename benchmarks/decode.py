@@ -67,6 +67,7 @@ from flax import nnx
 from r1jax.config import ModelConfig, load_model
 from r1jax.interop.hf import to_hf_state_dict
 from r1jax.model.decoder import Decoder
+from r1jax.parallel.backend import on_cpu
 from r1jax.model.summary import count_params, kv_cache_bytes_per_token, mha_cache_bytes_per_token
 from r1jax.sampling import cache as cache_lib
 from r1jax.sampling import engine as eng
@@ -353,7 +354,7 @@ def bench_config(name: str, args) -> tuple[list[dict], list[str]]:
             cfg = dataclasses.replace(cfg, dtype=args.dtype)
         model, prompts, kind = random_model(cfg), decode_prompts(max(BATCHES)), "random"
     w = eng.Weights.of(model)
-    if jax.default_backend() == "cpu":
+    if on_cpu():
         w = w.unstacked()  # what `Engine` runs on one CPU device, for prefill too
     head = (f"{name}: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}, "
             f"r1jax compute {cfg.dtype} / params {cfg.param_dtype}; {kind} weights in {time.perf_counter() - t0:.1f}s; "

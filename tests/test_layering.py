@@ -4,7 +4,8 @@ The order (copied in the README's layout section), lowest first; a module may im
 own layer and any layer before it, never from a later one:
 
     config
-    parallel.rules, parallel.mesh, parallel.sharding   the logical-axis table, meshes, shardings
+    parallel.backend, parallel.rules,                  the backend check, the logical-axis table,
+    parallel.mesh, parallel.sharding                   meshes, shardings
     model                                              the decoder (marks activations by the table)
     parallel.expert                                    expert-parallel MoE dispatch (wraps model.moe)
     data                                               tokenizers, sources, tasks, the pipeline
@@ -34,7 +35,8 @@ PACKAGE = ROOT / "r1jax"
 
 LAYERS: list[tuple[str, ...]] = [
     ("r1jax", "r1jax.config"),
-    ("r1jax.parallel", "r1jax.parallel.rules", "r1jax.parallel.mesh", "r1jax.parallel.sharding"),
+    ("r1jax.parallel", "r1jax.parallel.backend", "r1jax.parallel.rules", "r1jax.parallel.mesh",
+     "r1jax.parallel.sharding"),
     ("r1jax.model",),
     ("r1jax.parallel.expert",),
     ("r1jax.data",),

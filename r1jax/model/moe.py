@@ -8,8 +8,13 @@ Routing (spec §3), `route`:
       `topk_group` groups with the best top-2 sums, then top-K experts inside them;
       weights w = s[chosen] (/ Σ if norm_topk_prob) · routed_scaling_factor.
   V2: s = softmax(x W_g); greedy top-K (or group-limited by group max); no bias.
-Expert compute is dropless (`dropless_experts`): each expert's tokens contiguous, one grouped matmul.
-Under expert parallelism `r1jax.parallel.expert` swaps in its dispatch through `use_expert_fn`.
+Expert compute is dropless (`dropless_experts`): each expert's tokens contiguous, one grouped matmul
+(`ragged_dot`) on TPU/GPU; on CPU the speed paths of `r1jax.model.cpu_experts`.
+
+Which kernel a MoE layer runs is a static attribute, `MoE.expert_fn` (default `dropless_experts`),
+set with `set_expert_fn` on a model before it is split for a compiled function, so the graphdef
+carries it: expert parallelism's dispatch (`r1jax.parallel.expert.make_expert_fn`) for a mesh,
+`cpu_experts.small_batch_experts` (and `MoE.dense_decode`) for the single-device CPU decode.
 
 FP8 experts (`ModelConfig.expert_dtype: float8_e4m3fn`, sampling only): w_gate / w_up / w_down
 are `FP8Weight`s in r1jax's [in, out] orientation (each expert's HF weight [out, in] transposed),
@@ -21,8 +26,6 @@ compute dtype at a time.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Callable, NamedTuple
 
@@ -32,7 +35,9 @@ from flax import nnx
 
 from r1jax.config import ModelConfig
 from r1jax.model import fp8
+from r1jax.model.cpu_experts import blocked_experts, dense_moe, dense_moe_weights
 from r1jax.model.layers import MLP, dtypes, normal, param, zeros
+from r1jax.parallel.backend import on_cpu
 from r1jax.parallel.rules import constrain
 
 
@@ -115,10 +120,11 @@ def dropless_experts(x, routing: Routing, w_gate, w_up, w_down) -> tuple[jax.Arr
 
     Each expert's (token, expert) pairs are made contiguous and run as one grouped matmul per
     projection: on TPU/GPU sorted by expert into `ragged_dot` (grouped-matmul kernels); on CPU,
-    where XLA's ragged_dot is a slow generic loop, scattered into blocks padded to whole tiles.
+    where XLA's ragged_dot is a slow generic loop, scattered into blocks padded to whole tiles
+    (`cpu_experts.blocked_experts`).
     """
-    if jax.default_backend() == "cpu":
-        return _blocked_experts(x, routing, w_gate, w_up, w_down), {}
+    if on_cpu():
+        return blocked_experts(x, routing, w_gate, w_up, w_down), {}
     n, k = routing.experts.shape
     flat = routing.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -134,159 +140,27 @@ def _ragged_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
     return jax.lax.ragged_dot(h, w_down, sizes)
 
 
-def block_rows(m: int, e: int) -> int:
-    """Rows per block of `_blocked_experts` for m (token, expert) pairs over e experts: a power of
-    two near m / 4E (partial blocks, ~E * b / 2 rows, stay ~1/8 of m), at least m / E up to 128
-    (each block copies its expert's weights: small-moe's 3.5 MB experts want few blocks) and at
-    most 1024: larger blocks pay off on large batches, smaller ones waste less padding on small
-    ones (chosen by timing forward + backward on CPU)."""
-    pow2 = lambda n: 2 ** int(math.log2(max(n, 1)))  # noqa: E731
-    return int(min(1024, max(32, pow2(m // (4 * e)), min(128, pow2(m // e)))))
-
-
-def _blocked_experts(x, routing: Routing, w_gate, w_up, w_down):
-    """The CPU form of `dropless_experts`: pair (n, j) goes to row `rank within its expert` of
-    its expert's run of whole blocks of b rows; every block is one dense [b, D] x [D, F] matmul
-    with its expert's weights (gathered per block). No sort: ranks come from a cumulative sum of
-    one-hot expert ids, and results come back by gathering the same rows (faster on CPU than
-    an argsort both ways).
-    Static shapes: at most ceil(M / b) + min(E, M) blocks (only non-empty experts add a partial
-    block). b: `block_rows`."""
-    n, k = routing.experts.shape
-    e, d, _ = w_gate.shape
-    m = n * k
-    b = block_rows(m, e)
-    flat = routing.experts.reshape(-1)
-    onehot = (flat[:, None] == jnp.arange(e)[None, :]).astype(jnp.int32)  # [M, E]
-    sizes = onehot.sum(0)
-    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1
-    padded = (sizes + b - 1) // b * b
-    padded_ends = jnp.cumsum(padded)
-    dest = padded_ends[flat] - padded[flat] + rank  # [M], distinct
-    blocks = -(-m // b) + min(e, m)
-    block_expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(blocks) * b, side="right"), e - 1)
-    xb = jnp.zeros((blocks * b, d), x.dtype).at[dest].set(jnp.repeat(x, k, axis=0), unique_indices=True)
-    xb = xb.reshape(blocks, b, d)
-    h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, w_gate[block_expert]))
-    h = h * jnp.einsum("nbd,ndf->nbf", xb, w_up[block_expert])
-    yb = jnp.einsum("nbf,nfd->nbd", h, w_down[block_expert])
-    y = yb.reshape(blocks * b, d)[dest].reshape(n, k, d)
-    return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype))
-
-
-def small_batch_experts(x, routing, w_gate, w_up, w_down):
-    """`dropless_experts` for a few tokens on CPU, by size:
-      fewer (token, expert) pairs than half the experts: each pair's weights gathered and
-        applied as a matvec (a gather copies, so reading all experts in place costs about as
-        much as gathering half of them);
-      more, with large experts: `_bucketed_experts`, every expert's weights read once, in place;
-      more, with experts so small that op count, not memory, is the cost (tiny-moe): every
-        token through every expert as one batched matmul per projection, then each token's K
-        outputs picked and weighted.
-    Once `dropless_experts` would compute fewer rows than every-expert, it takes over. The
-    engine's per-layer decode runs tiny experts past the pairs branch as `dense_moe` instead
-    (`MoE.decode`). Each branch was picked against the others by timing the decode at batch 1
-    and 16 on CPU."""
-    n, k = routing.experts.shape
-    e, d, f = w_gate.shape
-    if 2 * n * k < e:
-        return _pair_experts(x, routing, w_gate, w_up, w_down), {}
-    if n * e > n * k + 32 * min(e, n * k):
-        return dropless_experts(x, routing, w_gate, w_up, w_down)
-    if e * d * f > 1 << 18:
-        return _bucketed_experts(x, routing, w_gate, w_up, w_down), {}
-    xe = jnp.broadcast_to(x, (e,) + x.shape)
-    h = jax.nn.silu(jnp.einsum("END,EDF->ENF", xe, w_gate)) * jnp.einsum("END,EDF->ENF", xe, w_up)
-    y = jnp.einsum("ENF,EFD->END", h, w_down)
-    picked = y[routing.experts, jnp.arange(n)[:, None]]  # [N,K,D]
-    return jnp.einsum("NKD,NK->ND", picked, routing.weights.astype(y.dtype)), {}
-
-
-def dense_moe_weights(w_gate, w_up, w_down, shared: tuple | None = None) -> dict:
-    """Routed experts [E,D,F], [E,D,F], [E,F,D] and the shared expert's (gate [D,S], up [D,S],
-    down [S,D]; None: none) as `dense_moe` reads them: gate_up [D, 2M] (routed gate columns
-    e*F + j, the shared gate's, then the same for up), down [M, D]; M = EF + S."""
-    e, d, f = w_gate.shape
-    cols = lambda w: jnp.transpose(w, (1, 0, 2)).reshape(d, e * f)  # noqa: E731
-    sg, su, sd = shared if shared is not None else (w_gate[0, :, :0], w_up[0, :, :0], w_down[0, :0])
-    return {"gate_up": jnp.concatenate([cols(w_gate), sg, cols(w_up), su], axis=1),
-            "down": jnp.concatenate([w_down.reshape(e * f, d), sd], axis=0)}
-
-
-def dense_moe(x, routing: Routing, gate_up, down, e: int, f: int):
-    """x [N, D] through all e routed experts of hidden f and the shared expert
-    (`dense_moe_weights`) as two plain matmuls: h [N, M] = silu(x W_gate) * x W_up, routed
-    columns scaled by the token's combine weight for their expert (0 off its K), shared ones by
-    1, then [N, M] x [M, D]: two dots where the batched kernels and the shared MLP take six.
-    For tiny experts' decode this is faster than the blocked kernel at many slots and on par
-    with the every-expert kernel plus the shared MLP at few (see the README)."""
-    n, m = x.shape[0], down.shape[0]
-    gu = jnp.einsum("ND,DM->NM", x, gate_up.astype(x.dtype)).reshape(n, 2, m // f, f)  # shared width: f multiples
-    combine = jnp.sum(jnp.where(routing.experts[:, :, None] == jnp.arange(e), routing.weights[:, :, None], 0.0), 1)
-    scale = jnp.concatenate([combine, jnp.ones((n, m // f - e), combine.dtype)], axis=1)  # [N, E + shared]
-    h = jax.nn.silu(gu[:, 0]) * gu[:, 1] * scale.astype(x.dtype)[:, :, None]
-    return jnp.einsum("NM,MD->ND", h.reshape(n, m), down.astype(x.dtype))
-
-
-def _pair_experts(x, routing: Routing, w_gate, w_up, w_down):
-    """x [N, D] through each (token, expert) pair's own gathered weights [N*K, D, F]."""
-    n, k = routing.experts.shape
-    flat = routing.experts.reshape(-1)
-    xs = jnp.repeat(x, k, axis=0)
-    h = jax.nn.silu(jnp.einsum("MD,MDF->MF", xs, w_gate[flat])) * jnp.einsum("MD,MDF->MF", xs, w_up[flat])
-    y = jnp.einsum("MF,MFD->MD", h, w_down[flat]).reshape(n, k, -1)
-    return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype))
-
-
-def _bucketed_experts(x, routing: Routing, w_gate, w_up, w_down):
-    """x [N, D] through per-expert buffers [E, C, D] as batched matmuls over the experts in
-    place, C the smallest power of two (from ~N K / E) that holds the busiest expert's pairs, N
-    at most: one `lax.switch` branch per C, so nothing drops and the rows computed follow the
-    routing (XLA:CPU's batched matmul grows costlier with C well before memory bounds it)."""
-    n, k = routing.experts.shape
-    e, d, _ = w_gate.shape
-    flat = routing.experts.reshape(-1)
-    onehot = (flat[:, None] == jnp.arange(e)[None, :]).astype(jnp.int32)  # [M, E]
-    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1
-    busiest = onehot.sum(0).max()
-    caps = [c for c in (2**i for i in range(int(math.log2(n)) + 1)) if c >= n * k // e and c < n] + [n]
-
-    def run(c):
-        def branch(x):
-            slot = flat * c + rank  # distinct, < E * c in this branch
-            buf = jnp.zeros((e * c, d), x.dtype).at[slot].set(jnp.repeat(x, k, axis=0), mode="drop",
-                                                               unique_indices=True).reshape(e, c, d)
-            h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf, w_gate)) * jnp.einsum("ECD,EDF->ECF", buf, w_up)
-            return jnp.einsum("ECF,EFD->ECD", h, w_down).reshape(e * c, d)[slot]
-        return branch
-
-    y = jax.lax.switch(jnp.searchsorted(jnp.asarray(caps), busiest), [run(c) for c in caps], x)
-    return jnp.einsum("NKD,NK->ND", y.reshape(n, k, d), routing.weights.astype(y.dtype))
-
-
 ExpertFn = Callable[..., tuple[jax.Array, dict]]
-_EXPERT_FN: contextvars.ContextVar[ExpertFn] = contextvars.ContextVar("r1jax_expert_fn", default=dropless_experts)
 
 
-def current_expert_fn() -> ExpertFn:
-    return _EXPERT_FN.get()
-
-
-@contextlib.contextmanager
-def use_expert_fn(fn: ExpertFn):
-    """Within this context MoE layers run their routed experts with `fn` (same signature as
-    `dropless_experts`): how expert parallelism plugs in without the layer knowing the mesh."""
-    token = _EXPERT_FN.set(fn)
-    try:
-        yield
-    finally:
-        _EXPERT_FN.reset(token)
+def set_expert_fn(model: nnx.Module, fn: ExpertFn, *, dense_decode: bool = False) -> nnx.Module:
+    """Every MoE layer of `model` (the scanned stacks' and the MTP blocks' too) runs its routed
+    experts with `fn` (same signature as `dropless_experts`); dense_decode: `MoE.decode` may run
+    tiny experts as `dense_moe` (the single-device CPU decode). Static attributes: call it before
+    `nnx.split` (or on the model merged inside the compiled function) and the graphdef carries
+    the choice, fixed per compiled function. Returns `model`."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, MoE):
+            m.expert_fn, m.dense_decode = fn, dense_decode
+    return model
 
 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype, pdt = dtypes(cfg)
+        self.expert_fn: ExpertFn = dropless_experts  # static: `set_expert_fn`
+        self.dense_decode = False  # static: `set_expert_fn`
         init = normal(cfg.initializer_range)
         d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         self.gate = param(rngs, init, (d, e), ("embed", None), jnp.float32)
@@ -341,13 +215,13 @@ class MoE(nnx.Module):
         return {"experts": fn(*self.expert_weights(), shared)}
 
     def decode(self, x: jax.Array, layout: dict | None = None) -> jax.Array:
-        """x [B,T,D] -> y [B,T,D] (no stats) for the cached forms. In the single-device decode
-        (`small_batch_experts` in use), with a dense layout (`decode_layout`) and past the
+        """x [B,T,D] -> y [B,T,D] (no stats) for the cached forms. In the single-device CPU decode
+        (`dense_decode`, set with `small_batch_experts`), with a dense layout (`decode_layout`) and past the
         gathered-pairs range, it runs as `dense_moe`: the router, then two dots for the routed
         and shared experts together."""
         b, t, d = x.shape
         cfg = self.cfg
-        if (layout and "experts" in layout and _EXPERT_FN.get() is small_batch_experts
+        if (self.dense_decode and layout and "experts" in layout
                 and 2 * b * t * cfg.num_experts_per_tok >= cfg.n_routed_experts):
             flat = x.reshape(b * t, d)
             dense = layout["experts"]
@@ -368,7 +242,7 @@ class MoE(nnx.Module):
         routing = self.routing(flat)
         if flat_mask is not None:
             routing = routing._replace(mask=flat_mask)
-        y, metrics = _EXPERT_FN.get()(flat, routing, *self.expert_weights(dt))
+        y, metrics = self.expert_fn(flat, routing, *self.expert_weights(dt))
         y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)

@@ -1,7 +1,7 @@
 """Expert parallelism: routed tokens travel to the device that owns their expert and back.
 
 `make_expert_fn(mesh, rules, mode=...)` returns a drop-in for `r1jax.model.moe.dropless_experts`
-(plug it in with `r1jax.model.moe.use_expert_fn`). It is called on global arrays and runs one
+(plug it in with `r1jax.model.moe.set_expert_fn`). It is called on global arrays and runs one
 `jax.shard_map` over the whole mesh, with every spec read from the rules table:
   tokens N   split over the `batch` axes (data, expert);
   experts E  split over the `experts` axis (expert): each device holds E_l = E / ep experts;
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from r1jax.model.moe import ExpertFn, Routing, dropless_experts
+from r1jax.parallel.backend import backend, on_cpu
 from r1jax.parallel.rules import MeshAxes, to_pspec
 
 _warned_cpu_fallback = False
@@ -45,7 +46,7 @@ _ragged_all_to_all = jax.lax.ragged_all_to_all
 
 
 def _ragged_supported() -> bool:
-    return jax.default_backend() != "cpu"
+    return not on_cpu()
 
 
 def expert_capacity(n_local: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -163,7 +164,7 @@ def make_expert_fn(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes], *, mode:
     use_ragged = mode == "dropless" and _ragged_supported()
     if mode == "dropless" and not use_ragged and ep > 1 and not _warned_cpu_fallback:
         logging.warning("expert dispatch: no ragged_all_to_all on %s; 'dropless' runs as capacity mode with "
-                        "capacity = local tokens (nothing drops, E/K x the buffer)", jax.default_backend())
+                        "capacity = local tokens (nothing drops, E/K x the buffer)", backend())
         _warned_cpu_fallback = True
 
     def local(x, expert_ids, weights, real, w_gate, w_up, w_down):

@@ -7,6 +7,15 @@ so changing the parallelism of a run is a config change (mesh sizes, `fsdp`), ne
 Logical names (letters as in the einsums):
   batch (B), length (T/S), embed (D), vocab (V), heads (H), kv_heads, head_dim (K),
   q_lora, kv_lora (L), mlp (F), experts (E), layers, norm.
+
+Why a context (`use_rules`) and not an argument: activation sharding constraints are ambient
+placement hints, not part of what a layer computes; a model traced without them computes the same
+values. So, like JAX's own `jax.sharding.use_mesh` and flax's `nnx.logical_axis_rules`, the
+(mesh, table) pair is set around tracing a compiled function, and `constrain` reads it there
+(outside any: no constraint). Threading it through every module call would put the mesh into
+the model code for no change in what it computes. It is read only while tracing, so each
+compiled function sees the one table it was traced under. What a layer computes (which expert
+kernel) is explicit instead: a static attribute of the model (`r1jax.model.moe.set_expert_fn`).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes
+from r1jax.parallel.backend import on_cpu
 from r1jax.sampling.cache import Cache, init_cache
 from r1jax.sampling.layout import Placement, Weights
 from r1jax.sampling.steps import (SlotParams, StopParams, copy_rows, decode_chunk, decode_step, naive_decode_step,
@@ -141,7 +142,7 @@ class Engine:
     @weights.setter
     def weights(self, w) -> None:
         w = Weights.of(w)
-        if self.placement.mesh is None and jax.default_backend() == "cpu" and w.layers is None:
+        if self.placement.mesh is None and on_cpu() and w.layers is None:
             w = w.unstacked()
         self._weights = w
 

@@ -7,7 +7,7 @@ scanned step would copy every layer's weights first. Each layer also carries its
 `Block.decode_layout` arrays (W_kvb's halves heads-first for the absorbed dots; tiny experts,
 with the shared one, as one dense matrix pair), and the stacks run one layer after another
 instead of scanning (`r1jax.sampling.forward`). Its decode runs the routed experts of its few
-tokens with `small_batch_experts` (`decode_placement`).
+tokens with `cpu_experts.small_batch_experts` and tiny ones as `dense_moe` (`Placement.model`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from jax.sharding import Mesh
 
 from r1jax.config import ModelConfig
 from r1jax.model.decoder import Decoder
-from r1jax.model.moe import small_batch_experts, use_expert_fn
+from r1jax.model.cpu_experts import small_batch_experts
+from r1jax.model.moe import ExpertFn, dropless_experts, set_expert_fn
 from r1jax.parallel import rules as rules_lib
+from r1jax.parallel.backend import on_cpu
 from r1jax.parallel.rules import MeshAxes
 from r1jax.sampling.cache import Cache, cache_shardings
 
@@ -94,16 +96,31 @@ class Placement:
 
     @contextlib.contextmanager
     def active(self):
+        """The activation sharding rules of the mesh (none without one), for tracing."""
         if self.mesh is None:
             yield
             return
-        from r1jax.parallel.expert import make_expert_fn
-
-        rules = dict(self.rules)
-        mode = "dropless" if self.capacity_factor is None else "capacity"
-        fn = make_expert_fn(self.mesh, rules, mode=mode, capacity_factor=self.capacity_factor)
-        with rules_lib.use_rules(self.mesh, rules), use_expert_fn(fn):
+        with rules_lib.use_rules(self.mesh, dict(self.rules)):
             yield
+
+    def expert_fn(self, decode: bool = False) -> tuple[ExpertFn, bool]:
+        """(the routed experts' kernel, `MoE.dense_decode`) of these compiled functions: the
+        expert-parallel dispatch on a mesh; on a single CPU device the decode's small-batch
+        kernels (`r1jax.model.cpu_experts`); else `dropless_experts`."""
+        if self.mesh is not None:
+            from r1jax.parallel.expert import make_expert_fn
+
+            mode = "dropless" if self.capacity_factor is None else "capacity"
+            return make_expert_fn(self.mesh, dict(self.rules), mode=mode, capacity_factor=self.capacity_factor), False
+        if decode and on_cpu():
+            return small_batch_experts, True
+        return dropless_experts, False
+
+    def model(self, graphdef, params, extra, *, decode: bool = False) -> Decoder:
+        """The decoder, merged inside a compiled function, with its MoE layers set to
+        `expert_fn(decode)` (whatever kernel the graphdef came with, e.g. a train step's)."""
+        fn, dense = self.expert_fn(decode)
+        return set_expert_fn(nnx.merge(graphdef, params, extra), fn, dense_decode=dense)
 
     def constrain_cache(self, cache: Cache, cfg: ModelConfig) -> Cache:
         """Keeps the cache in its own layout from step to step (no resharding, no recompiles)."""
@@ -111,14 +128,3 @@ class Placement:
             return cache
         sh = cache_shardings(cfg, cache.slots, cache.max_len, self.mesh, dict(self.rules), "mtp" in cache.stacks)
         return jax.lax.with_sharding_constraint(cache, sh)
-
-
-@contextlib.contextmanager
-def decode_placement(placement: Placement):
-    """`placement.active()`, plus the small-batch expert kernel on a single CPU device."""
-    with placement.active():
-        if placement.mesh is None and jax.default_backend() == "cpu":
-            with use_expert_fn(small_batch_experts):
-                yield
-        else:
-            yield

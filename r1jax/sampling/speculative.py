@@ -31,12 +31,12 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from r1jax.model.decoder import Decoder
+from r1jax.parallel.backend import on_cpu
 from r1jax.sampling.cache import Cache, init_cache
 from r1jax.sampling.forward import cache_dtype, forward_cached, from_bits, layer_cache, to_bits
-from r1jax.sampling.layout import Placement, Weights, decode_placement
+from r1jax.sampling.layout import Placement, Weights
 from r1jax.sampling.steps import pow2, sampling_jit
 from r1jax.sampling.tokens import argmax_first
 
@@ -58,7 +58,7 @@ def mtp_cached(model: Decoder, stacks: dict, h_prev, next_tokens, positions, s: 
 def _prefill(graphdef, placement: Placement, params, extra, layers, cache: Cache, tokens, lengths):
     """Right-padded prompts [B,T] -> (cache, first token [B], first draft [B])."""
     with placement.active():
-        model = nnx.merge(graphdef, params, extra)
+        model = placement.model(graphdef, params, extra)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         dtype, s = cache_dtype(cache), min(pow2(t), cache.max_len)
@@ -99,8 +99,8 @@ def _verify_chunk(graphdef, placement: Placement, steps: int, bucket: int, param
     last, draft)."""
     b = last.shape[0]
     dtype = cache_dtype(cache)
-    with decode_placement(placement):
-        model = nnx.merge(graphdef, params, extra)
+    with placement.active():
+        model = placement.model(graphdef, params, extra, decode=True)
         mtp_layout = model.mtp[0].block.decode_layout()  # once a call, outside the loop
         budget0 = budget
 
@@ -165,7 +165,7 @@ def speculative_generate(model_or_state, prompts: Sequence[Sequence[int]], max_t
     cfg = w.cfg
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
-    if w.layers is None and jax.default_backend() == "cpu":
+    if w.layers is None and on_cpu():
         w = w.unstacked()  # as `Engine` does on one CPU device
     b = len(prompts)
     longest = max(len(p) for p in prompts)

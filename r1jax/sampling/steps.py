@@ -25,11 +25,11 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from r1jax.parallel.backend import on_cpu
 from r1jax.sampling.cache import Cache
 from r1jax.sampling.forward import cache_dtype, decode_forward, forward_cached, from_bits, last_logits, to_bits
-from r1jax.sampling.layout import Placement, Weights, decode_placement
+from r1jax.sampling.layout import Placement, Weights
 from r1jax.sampling.rng import slot_uniforms
 from r1jax.sampling.tokens import sample_tokens
 
@@ -42,13 +42,13 @@ def pow2(n: int, lo: int = 1) -> int:
 def sampling_jit(fn=None, **jit_kwargs):
     """`jax.jit` for the sampling engine's compiled steps: on CPU they compile without XLA's
     YNNPACK fusions, whose matmuls ran slower than XLA's own dot kernels at these shapes (see
-    the README). Other backends: plain jit. The backend is read at call time, so importing this
-    module initialises none."""
+    the README). Other backends: plain jit. The backend is read at call time (`on_cpu`), so
+    importing this module initialises none."""
     if fn is None:
         return functools.partial(sampling_jit, **jit_kwargs)
     plain = jax.jit(fn, **jit_kwargs)
     cpu = jax.jit(fn, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}, **jit_kwargs)
-    pick = lambda: cpu if jax.default_backend() == "cpu" else plain  # noqa: E731
+    pick = lambda: cpu if on_cpu() else plain  # noqa: E731
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -96,7 +96,7 @@ def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, l
     start + T - 1). Last-token logits of rows whose prompt ends in this chunk go to logits_buf
     [slots, V]; lengths [P] become the slots' lengths."""
     with placement.active():
-        model = nnx.merge(graphdef, params, extra)
+        model = placement.model(graphdef, params, extra)
         t = tokens.shape[1]
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         dtype = cache_dtype(cache)
@@ -116,8 +116,8 @@ def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, l
 
 
 def _decode_logits(graphdef, placement, absorbed, params, extra, layers, cache: Cache, tokens, active):
-    with decode_placement(placement):
-        model = nnx.merge(graphdef, params, extra)
+    with placement.active():
+        model = placement.model(graphdef, params, extra, decode=True)
         dtype = cache_dtype(cache)
         bits = jax.tree.map(to_bits, cache.stacks)
         x, bits = decode_forward(model, bits, tokens, cache.lengths, cache.max_len, dtype, absorbed, layers)
@@ -139,8 +139,8 @@ def decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, params
     logprobs [B,steps], count [B]: the valid leading entries of each row)."""
     b = tokens.shape[0]
     dtype = cache_dtype(cache)
-    with decode_placement(placement):
-        model = nnx.merge(graphdef, params, extra)
+    with placement.active():
+        model = placement.model(graphdef, params, extra, decode=True)
 
         def body(s: _DecodeLoop) -> _DecodeLoop:
             run = ~s.done

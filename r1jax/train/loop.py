@@ -22,6 +22,7 @@ from r1jax.config import Config, ConfigError, to_dict
 from r1jax.data.datasets import data_source, eval_batches, load_or_train_tokenizer, make_dataset, skipped_lines
 from r1jax.data.pipeline import to_global_batch
 from r1jax.model.summary import train_flops_per_token
+from r1jax.parallel.backend import on_cpu
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
 from r1jax.train.metrics import MetricsLogger, measure_peak_flops, plot_curves, to_python
 from r1jax.train.state import learning_rate_schedule
@@ -137,7 +138,7 @@ def train(cfg: Config) -> TrainSummary:
     held_out = eval_batches(cfg, tokenizer, source=eval_source) if eval_source is not None else []
 
     # Emulated CPU devices share one machine's cores: its peak is the peak of all of them.
-    peak = measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
+    peak = measure_peak_flops() * (1 if on_cpu() else jax.device_count())
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops_per_step = train_flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
     schedule = learning_rate_schedule(cfg.optim)

@@ -4,8 +4,9 @@
     state = step.init(jax.random.key(0))            # created directly in its sharded layout
     state, metrics = step(state, batch)             # donated state, one optimizer step
 
-The loss is traced inside `use_rules` (activation constraints) and `use_expert_fn` (expert
-parallel dispatch), so the model code itself never sees the mesh.
+Under a mesh the loss is traced inside `use_rules` (activation constraints), and the step's
+graphdef carries the expert-parallel dispatch as its MoE layers' `expert_fn` (`set_expert_fn`, set
+once when the step is built), so the model code itself never sees the mesh.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.config import Config, ConfigError
 from r1jax.model.decoder import ModelOutput
-from r1jax.model.moe import routing_bias_update, use_expert_fn
+from r1jax.model.moe import routing_bias_update, set_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.train.losses import lm_loss
@@ -85,6 +86,7 @@ class TrainStep:
         self.abstract = abstract
         if mesh is not None:
             check_model_fits(mesh, cfg.model, cfg.batch_size)
+            self.graphdef = self._with_expert_parallel(self.graphdef, abstract)
             self.state_shardings = shardings(abstract, mesh, self.rules)
             self.batch_shardings = batch_shardings(self.batch_keys, mesh, self.rules)
             replicated = NamedSharding(mesh, PartitionSpec())
@@ -109,18 +111,24 @@ class TrainStep:
 
     # ------------------------------------------------------------------ traced functions
 
-    @contextlib.contextmanager
-    def _placement(self):
-        if self.mesh is None:
-            yield
-            return
+    def _with_expert_parallel(self, graphdef, abstract: TrainState):
+        """`graphdef` with every MoE layer running the expert-parallel dispatch of this mesh."""
         from r1jax.parallel.expert import make_expert_fn
 
         expert_fn = make_expert_fn(
             self.mesh, self.rules, mode=self.cfg.parallel.expert_dispatch,
             capacity_factor=self.cfg.parallel.capacity_factor,
         )
-        with rules_lib.use_rules(self.mesh, self.rules), use_expert_fn(expert_fn):
+        model = nnx.merge(graphdef, abstract.params, abstract.extra)
+        return nnx.graphdef(set_expert_fn(model, expert_fn))
+
+    @contextlib.contextmanager
+    def _placement(self):
+        """The activation sharding rules of the mesh (none without one)."""
+        if self.mesh is None:
+            yield
+            return
+        with rules_lib.use_rules(self.mesh, self.rules):
             yield
 
     def _init_fn(self, key):

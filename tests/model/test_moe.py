@@ -349,7 +349,7 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     """The CPU expert kernel (pairs scattered into per-expert blocks) against a per-token NumPy
     SwiGLU sum, from fewer pairs than experts (decode) to several 128-row blocks per expert;
     gradients (x, routing weights, all three expert weights) against the per-pair jnp formula."""
-    from r1jax.model.moe import _blocked_experts, block_rows  # noqa: PLC0415
+    from r1jax.model.cpu_experts import block_rows, blocked_experts  # noqa: PLC0415
 
     rng = np.random.default_rng(n)
     d, f = 8, 6
@@ -360,7 +360,7 @@ def test_blocked_cpu_experts_equal_per_token_numpy(n, e, k):
     wd = rng.standard_normal((e, f, d)).astype(np.float32)
 
     def blocked(x, weights, wg, wu, wd):
-        return _blocked_experts(x, Routing(weights, jnp.asarray(chosen), None), wg, wu, wd)
+        return blocked_experts(x, Routing(weights, jnp.asarray(chosen), None), wg, wu, wd)
 
     got = jax.jit(blocked)(x, weights, wg, wu, wd)
     gate = np.einsum("nd,nkdf->nkf", x, wg[chosen])
@@ -383,7 +383,7 @@ def test_small_batch_experts_equal_per_token_numpy(n, f, same):
     the gathered-pairs branch, 4 the every-expert one, 64 falls back to the blocked kernel;
     experts of 8 x 160 take the bucketed buffers, with every token on the same experts (same)
     filling the largest bucket."""
-    from r1jax.model.moe import small_batch_experts  # noqa: PLC0415
+    from r1jax.model.cpu_experts import small_batch_experts  # noqa: PLC0415
 
     rng = np.random.default_rng(n)
     d, e, k = (8, 16, 4) if f == 6 else (128, 16, 4)
@@ -409,7 +409,7 @@ def test_small_batch_experts_equal_per_token_numpy(n, f, same):
 def test_dense_moe_equals_numpy_moe(cfg, n):
     """The decode's fused MoE (routed and shared experts as two plain matmuls over
     `dense_moe_weights`) against the NumPy MoE of spec §3, two shared experts or none."""
-    from r1jax.model.moe import dense_moe, dense_moe_weights  # noqa: PLC0415
+    from r1jax.model.cpu_experts import dense_moe, dense_moe_weights  # noqa: PLC0415
 
     moe, w = _build(cfg, seed=11)
     shared = (moe.shared.gate_proj[...], moe.shared.up_proj[...], moe.shared.down_proj[...]) \

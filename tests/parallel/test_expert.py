@@ -191,10 +191,11 @@ def test_plugs_into_moe_layer():
         state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     x = jax.device_put(x, NamedSharding(mesh, to_pspec(("batch", "length", "embed"), rules, mesh.axis_names)))
     fn = expert.make_expert_fn(mesh, rules, mode="capacity", capacity_factor=1e3)
+    graphdef = nnx.graphdef(moe_lib.set_expert_fn(layer, fn))  # the dispatch travels in the graphdef
 
     @jax.jit
     def sharded(state, x):
-        with moe_lib.use_expert_fn(fn), use_rules(mesh, rules):
+        with use_rules(mesh, rules):
             return nnx.merge(graphdef, state)(x)
 
     y, stats = sharded(state, x)
