@@ -24,6 +24,7 @@ from r1jax import checkpoint as ckpt_lib
 from r1jax.config import ConfigError, parse_options
 from r1jax.interop import hf_dir
 from r1jax.interop.safetensors_files import CheckpointError, SafetensorsFiles
+from r1jax.model.decoder import abstract_decoder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
@@ -35,18 +36,15 @@ def convert(hf_path: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16"
     t0 = time.perf_counter()
     hf_path, out_dir = Path(hf_path), Path(out_dir)
     files = SafetensorsFiles(hf_path)
-    fields = {"dtype": dtype, "param_dtype": "float32" if dtype == "float16" else dtype, **overrides}
+    fields = {**hf_dir.dtype_fields(dtype), **overrides}
     if fp8_experts:
         fields["expert_dtype"] = "float8_e4m3fn"
     cfg = hf_dir.model_config(hf_path, files, **fields)
-    hf_dir.check(files, cfg, block=hf_dir.block_size(hf_dir.read_hf_config(hf_path)))
     total = sum(files.nbytes(n) for n in files.names)
-    graphdef, target = hf_dir.abstract_model(cfg)
+    _, params, extra = abstract_decoder(cfg)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {hf_path.name}", disable=not progress) as bar:
-        state = hf_dir.load_weights(hf_path, target, cfg, progress=bar.update)
-    from flax import nnx
-
-    params, extra = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)[1:]
+        # checks every tensor from the headers first: a bad input raises before anything is written
+        params, extra = hf_dir.load_weights(hf_path, (params, extra), cfg, progress=bar.update, files=files)
     meta = {"config": {"model": dataclasses.asdict(cfg)}, "source": str(hf_path.resolve())}
     ckpt_lib.export_params(out_dir, (params, extra), meta=meta)
     for name in TOKENIZER_FILES:

@@ -399,8 +399,7 @@ def load(path, *, mesh=None, dtype: str | None = None, **overrides):
     from r1jax.interop import hf_dir
     from r1jax.interop.safetensors_files import is_hf_dir
 
-    if dtype is not None:
-        overrides = {"dtype": dtype, "param_dtype": "float32" if dtype == "float16" else dtype, **overrides}
+    overrides = {**hf_dir.dtype_fields(dtype), **overrides}
     places = [path, Path(path).parent]
     if is_hf_dir(path):
         model = hf_dir.load_model(path, mesh=mesh, **overrides)

@@ -238,14 +238,14 @@ class _Placer:
 
 
 def load_weights(path: str | os.PathLike, target, cfg: ModelConfig | None = None, *,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, files: SafetensorsFiles | None = None):
     """Fills `target` (an nnx.State, or a tuple / dict of them, e.g. `(params, extra)` of a split
     abstract Decoder; values `jax.ShapeDtypeStruct`s with optional `sharding=`) from the HF
     directory `path`.
     Leaves whose dtype is float8 get the checkpoint's FP8 bytes and scales as they are (the
     `expert_dtype: float8_e4m3fn` experts); all others the (dequantized) values cast to their dtype.
-    `progress(nbytes)` is called after each tensor read."""
-    files = SafetensorsFiles(path)
+    `progress(nbytes)` is called after each tensor read; `files`: the directory's, if already open."""
+    files = files or SafetensorsFiles(path)
     hf_config = read_hf_config(path)
     block = block_size(hf_config)
     cfg = cfg or model_config(path, files)
@@ -324,14 +324,19 @@ def abstract_model(cfg: ModelConfig, mesh=None, rules=None):
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
 
 
+def dtype_fields(dtype: str | None) -> dict:
+    """Model fields for one `dtype` of compute and parameters (float16 keeps float32 parameters)."""
+    if dtype is None:
+        return {}
+    return {"dtype": dtype, "param_dtype": "float32" if dtype == "float16" else dtype}
+
+
 def load_model(path: str | os.PathLike, *, mesh=None, dtype: str | None = None, rules=None,
                **overrides) -> Decoder:
     """The r1jax `Decoder` of an HF directory, its weights streamed into `mesh`'s shardings (or
     onto one device). `dtype`: compute and parameter dtype (default float32)."""
     t0 = time.perf_counter()
-    if dtype is not None:
-        overrides = {"dtype": dtype, "param_dtype": dtype if dtype != "float16" else "float32", **overrides}
-    cfg = model_config(path, **overrides)
+    cfg = model_config(path, **dtype_fields(dtype), **overrides)
     graphdef, target = abstract_model(cfg, mesh, rules)
     state = load_weights(path, target, cfg)
     log.info("loaded %s in %.1f s", path, time.perf_counter() - t0)
