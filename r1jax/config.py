@@ -344,6 +344,10 @@ class GrpoConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and refill the batch
     max_sampling_rounds: int = 4
     oversample: float = 2.0  # dynamic sampling draws this many prompts per one still missing
+    # A round whose groups all scored alike ends the redraws: from a weak policy more rounds
+    # would spend minutes on the same all-wrong groups. This many iterations in a row without
+    # one informative group stop the run with NoSignalError (0: never stop).
+    max_iterations_without_signal: int = 5
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
     reward_timeout_s: float = 10.0
     eval_every: int = 0
@@ -358,6 +362,8 @@ class GrpoConfig:
                  "must divide prompts_per_step * num_generations")
         _require(self.beta >= 0, "beta", "must be >= 0")
         _require(self.oversample >= 1, "oversample", "must be >= 1")
+        _require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
+        _require(self.max_iterations_without_signal >= 0, "max_iterations_without_signal", "must be >= 0")
         _require(0 <= self.epsilon_low < 1 and self.epsilon_high >= 0, "epsilon_low", "clip range out of bounds")
 
 

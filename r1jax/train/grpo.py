@@ -106,6 +106,23 @@ def prompt_records(cfg: Config, tokenizer: Tokenizer, split: str = "train", coun
     return out
 
 
+class NoSignalError(RuntimeError):
+    """grpo.max_iterations_without_signal iterations in a row had no group with reward variance."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Signal:
+    """What one rollout found: groups sampled, those whose rewards differ, the mean reward."""
+
+    groups: int
+    informative: int
+    mean_reward: float
+
+    @property
+    def share(self) -> float:
+        return self.informative / max(self.groups, 1)
+
+
 @dataclasses.dataclass
 class Rollout:
     batch: dict[str, np.ndarray]  # ROLLOUT_KEYS, each [N, T]
@@ -148,6 +165,7 @@ class GrpoTrainer:
         self.eval_records = prompt_records(cfg, self.tokenizer, "eval")
         self.engine = None
         self.reference = None
+        self.last_signal: Signal | None = None
 
     # ------------------------------------------------------------------ rollout
 
@@ -188,12 +206,15 @@ class GrpoTrainer:
         t0 = time.perf_counter()
         kept: list[tuple] = []
         tokens = drawn = flat = 0
+        reward_sum = 0.0
         for round_ in range(g.max_sampling_rounds if g.dynamic_sampling else 1):
             need = g.prompts_per_step - len(kept)
             prompts = [next(self.prompts) for _ in range(math.ceil(need * g.oversample) if g.dynamic_sampling else need)]
             completions = self._sample(state, prompts, seed=self.cfg.seed * 1_000_003 + iteration * 101 + round_)
             texts, total, per_fn, lengths = self._score(prompts, completions)
             tokens += int(lengths.sum())
+            reward_sum += float(total.sum())
+            flat_before = flat
             for i, p in enumerate(prompts):
                 rows = slice(i * g.num_generations, (i + 1) * g.num_generations)
                 group = (p, completions[i], texts[rows], total[rows], {k: v[rows] for k, v in per_fn.items()},
@@ -205,6 +226,10 @@ class GrpoTrainer:
                 kept.append(group)
             if len(kept) >= g.prompts_per_step:
                 break
+            if flat - flat_before == len(prompts):  # the policy is too weak (or strong) for this round's
+                break  # prompts: redrawing from it mostly buys more all-alike groups, at full price
+        self.last_signal = Signal(groups=drawn, informative=drawn - flat,
+                                  mean_reward=reward_sum / max(drawn * g.num_generations, 1))
         if not kept:
             return None  # every group had equal rewards: nothing to learn from this round
         if len(kept) < g.prompts_per_step:  # keep shapes static: repeat informative groups
@@ -328,7 +353,8 @@ class GrpoTrainer:
         samples_path = self.run_dir / "samples.jsonl"
         rollout_s = update_s = 0.0
         rollout_tokens = 0
-        first_eval = last_eval = None
+        first_eval = last_eval = first_signal = None
+        without_signal = 0
         try:
             if start == 0 and self.eval_records:
                 first_eval = self.evaluate(state)
@@ -336,8 +362,22 @@ class GrpoTrainer:
             for it in range(start, cfg.steps):
                 self._maybe_reset_reference(state, it)
                 ro = self.rollout(state, it)
+                signal = self.last_signal
+                if first_signal is None:
+                    first_signal = signal
+                    log.info("GRPO iteration %d: %d of %d groups (%.0f%%) have reward variance, mean reward %.3f",
+                             it + 1, signal.informative, signal.groups, 100 * signal.share, signal.mean_reward)
+                without_signal = 0 if signal.informative else without_signal + 1
+                if g.max_iterations_without_signal and without_signal >= g.max_iterations_without_signal:
+                    logger.log(it + 1, {"signal_share": 0.0, "skipped_no_signal": 1.0})
+                    raise NoSignalError(
+                        f"{without_signal} GRPO iterations in a row without reward signal (every group of "
+                        f"{g.num_generations} completions scored alike; mean reward {signal.mean_reward:.3f}): the "
+                        f"policy is too weak or too strong for these prompts; start from a better SFT checkpoint, "
+                        f"sample hotter, or change the task (grpo.max_iterations_without_signal="
+                        f"{g.max_iterations_without_signal}; checkpoints in {self.checkpointer.directory} are intact)")
                 if ro is None:
-                    logger.log(it + 1, {"skipped_no_signal": 1.0})
+                    logger.log(it + 1, {"skipped_no_signal": 1.0, "signal_share": 0.0})
                     continue
                 t0 = time.perf_counter()
                 state, metrics = self.update(state, ro, it)
@@ -346,6 +386,7 @@ class GrpoTrainer:
                 metrics.update(
                     reward=float(ro.rewards.mean()), reward_std=float(ro.rewards.std()),
                     frac_reward_zero_std=ro.frac_zero_std,  # before dynamic sampling's filter
+                    signal_share=signal.share,
                     completion_length=float(ro.lengths.mean()), completion_length_max=int(ro.lengths.max()),
                     truncated_ratio=float(ro.truncated.mean()), rollout_s=ro.seconds, update_s=dt,
                     rollout_tokens_per_s=ro.tokens / max(ro.seconds, 1e-9),
@@ -378,5 +419,6 @@ class GrpoTrainer:
             self.checkpointer.close()
         plot = plot_run(logger, self.run_dir / "curves.png", CURVES, "GRPO")
         return {"first_eval": first_eval, "final_eval": last_eval, "rollout_s": rollout_s, "update_s": update_s,
+                "first_signal_share": first_signal and first_signal.share,
                 "rollout_tokens_per_s": rollout_tokens / max(rollout_s, 1e-9), "plot": plot,
                 "wall_s": time.perf_counter() - t_start, "state": state}

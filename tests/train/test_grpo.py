@@ -124,3 +124,29 @@ def test_first_minibatch_at_mu_one_takes_its_old_logprobs_from_its_own_forward(s
     assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(host_state.params)[0])
     chex.assert_trees_all_close(jax.tree.map(np.asarray, got.params), jax.tree.map(np.asarray, state.params),
                                 rtol=1e-5, atol=1e-6)
+
+
+def test_no_signal_stops_redraws_then_the_run_with_a_clear_message(tmp_path, monkeypatch):
+    """All-alike groups: one sampling round an iteration (not max_sampling_rounds), the signal
+    share reported, and NoSignalError after grpo.max_iterations_without_signal iterations."""
+    from r1jax.train.grpo import NoSignalError
+
+    trainer = _trainer(tmp_path, "mesh.data=1", "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=4",
+                       "grpo.max_iterations_without_signal=2", "grpo.eval_prompts=0", "steps=10")
+    g = trainer.cfg.grpo.num_generations
+    rounds = []
+
+    def fake_sample(state, prompts, seed):
+        rounds.append(len(prompts))
+        return [[Completion([11, 12, 13], [], "stop") for _ in range(g)] for _ in prompts]
+
+    def fake_score(prompts, completions):
+        n = len(prompts) * g
+        return [""] * n, np.zeros(n), {}, np.full(n, 3)
+
+    monkeypatch.setattr(trainer, "_sample", fake_sample)
+    monkeypatch.setattr(trainer, "_score", fake_score)
+    with pytest.raises(NoSignalError, match="2 GRPO iterations in a row without reward signal"):
+        trainer.train()
+    assert len(rounds) == 2  # one round per iteration, two iterations
+    assert trainer.last_signal.informative == 0 and trainer.last_signal.groups == rounds[-1]
