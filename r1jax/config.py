@@ -311,12 +311,14 @@ class DataConfig:
     max_difficulty: int = 3  # built-in tasks of difficulty 1..max_difficulty
     tasks: tuple[str, ...] = ("arithmetic", "countdown", "linear")  # which built-in tasks
     skip_bad_lines: bool = False  # malformed JSONL records: skipped and counted, not fatal
+    tagged_docs: float = 0.0  # share of built-in pretraining documents in <think>/<answer> form (R1-Zero's base)
 
     def __post_init__(self):
         known = ("arithmetic", "countdown", "linear")
         _require(len(self.tasks) > 0 and all(t in known for t in self.tasks), "tasks",
                  f"must be a non-empty list of {list(known)}, got {list(self.tasks)}")
         _require(self.max_difficulty >= 1, "max_difficulty", "must be >= 1")
+        _require(0.0 <= self.tagged_docs <= 1.0, "tagged_docs", f"must be in [0, 1], got {self.tagged_docs}")
     packing: Literal["concat_split", "first_fit"] | None = None  # null: by mode
     shuffle: bool = True
 
@@ -350,6 +352,10 @@ class GrpoConfig:
     max_iterations_without_signal: int = 5
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
     reward_timeout_s: float = 10.0
+    # None: prompts in the tokenizer's chat template. A string with {question}: raw text after
+    # bos, as R1-Zero prompts its base model (corpus.R1_ZERO_PROMPT; the paper's longer one in
+    # configs/grpo-r1-zero.yaml).
+    prompt_template: str | None = None
     eval_every: int = 0
     eval_prompts: int = 64  # held-out prompts evaluated (0: no evaluation)
     eval_samples: int = 4  # k for pass@1 at T 0.6, top-p 0.95
@@ -364,6 +370,8 @@ class GrpoConfig:
         _require(self.oversample >= 1, "oversample", "must be >= 1")
         _require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
         _require(self.max_iterations_without_signal >= 0, "max_iterations_without_signal", "must be >= 0")
+        _require(self.prompt_template is None or "{question}" in self.prompt_template, "prompt_template",
+                 "must contain {question}")
         _require(0 <= self.epsilon_low < 1 and self.epsilon_high >= 0, "epsilon_low", "clip range out of bounds")
 
 

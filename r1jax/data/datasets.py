@@ -40,7 +40,7 @@ def _builtin_texts(cfg: Config) -> list[str]:
     """What a built-in tokenizer is trained on: both the pretraining text and the chats (all
     difficulties, so one tokenizer serves every stage)."""
     n = min(cfg.data.builtin_docs, 4000)
-    texts = list(corpus.pretrain_documents(n, cfg.seed))
+    texts = list(corpus.pretrain_documents(n, cfg.seed, tagged=cfg.data.tagged_docs))
     texts += [render_chat(r["messages"], add_generation_prompt=False) for r in corpus.sft_records(n, cfg.seed + 1)]
     return texts
 
@@ -109,7 +109,7 @@ def _builtin_source(cfg: Config, split: str) -> list:
     n = cfg.data.builtin_docs if split == "train" else max(cfg.data.builtin_docs // 20, 64)
     if cfg.mode == "pretrain":
         if split == "train":
-            return list(corpus.pretrain_documents(n, cfg.seed, **task_options(cfg)))
+            return list(corpus.pretrain_documents(n, cfg.seed, tagged=cfg.data.tagged_docs, **task_options(cfg)))
         stream = corpus.samples("eval", cfg.seed, **task_options(cfg))
         return [f"{s.question}\n{s.reasoning}\nAnswer: {s.answer}" for s in itertools.islice(stream, n)]
     if split == "train":

@@ -95,14 +95,20 @@ class GrpoStep(TrainStep):
 
 
 def prompt_records(cfg: Config, tokenizer: Tokenizer, split: str = "train", count: int | None = None) -> list[dict]:
-    """Built-in task prompts in the tokenizer's chat template, with what the checkers need."""
+    """Built-in task prompts in the tokenizer's chat template (or bos + `grpo.prompt_template`),
+    with what the checkers need."""
     count = count or (cfg.data.builtin_docs if split == "train" else cfg.grpo.eval_prompts)
     samples = corpus.samples(split, cfg.seed + (7 if split == "train" else 0), **task_options(cfg))
+    template = cfg.grpo.prompt_template
     out = []
     for s in (next(samples) for _ in range(count)):
-        text = chat_text(tokenizer, [{"role": "user", "content": s.question}], add_generation_prompt=True)
-        out.append({"prompt": text, "prompt_ids": tokenizer.encode(text), "task": s.task, "question": s.question,
-                    "answer": s.answer})
+        if template is None:
+            text = chat_text(tokenizer, [{"role": "user", "content": s.question}], add_generation_prompt=True)
+            ids = tokenizer.encode(text)
+        else:
+            text = template.format(question=s.question)
+            ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+        out.append({"prompt": text, "prompt_ids": ids, "task": s.task, "question": s.question, "answer": s.answer})
     return out
 
 

@@ -300,6 +300,45 @@ def load_run(checkpoint: str | os.PathLike, config_path: str | None, overrides: 
     return cfg, tokenizer, meta
 
 
+COLLECT_OPTIONS = ("k", "prompts", "split", "temperature", "top_p", "top_k", "max_tokens", "sample_seed",
+                   "max_per_prompt", "dedupe", "keep_truncated", "batch_prompts", "slots", "timeout_s")
+
+
+def collect(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cfg=None, tokenizer=None,
+            thresholds: Mapping[str, float] | None = None, k: int = 8, prompts: int = 128, split: str = "train",
+            temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, max_tokens: int | None = None,
+            sample_seed: int = 0, max_per_prompt: int | None = None, dedupe: bool = True,
+            keep_truncated: bool = False, batch_prompts: int = 64, slots: int | None = None,
+            timeout_s: float | None = None) -> dict:
+    """Rejection sampling from a checkpoint into `out` (SFT chats): the command's work as a
+    function. cfg / tokenizer default to the checkpoint's (`load_run`). Returns the stats."""
+    from r1jax import checkpoint as ckpt_lib
+    from r1jax.model.decoder import abstract_decoder
+    from r1jax.sampling.engine import Weights
+    from r1jax.train.grpo import prompt_records
+
+    if cfg is None or tokenizer is None:
+        loaded_cfg, loaded_tokenizer, _ = load_run(checkpoint, None, ())
+        cfg, tokenizer = cfg or loaded_cfg, tokenizer or loaded_tokenizer
+    max_tokens = max_tokens or cfg.grpo.max_completion_length
+    records = prompt_records(cfg, tokenizer, split, prompts)
+    graphdef, abstract_params, abstract_extra = abstract_decoder(cfg.model)
+    params, extra = ckpt_lib.load_params(checkpoint, (abstract_params, abstract_extra))
+    longest = max(len(r["prompt_ids"]) for r in records)
+    max_len = min(cfg.model.max_position_embeddings, 1 << math.ceil(math.log2(max(longest + max_tokens, 64))))
+    slots = slots or min(64, 1 << math.ceil(math.log2(max(batch_prompts * k, 8))))
+    engine = Engine(Weights(graphdef, params, extra), slots=slots, max_len=max_len, tokenizer=tokenizer)
+    generate_fn = engine_generate_fn(engine, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     max_tokens=max_tokens, seed=sample_seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _, stats = rejection_sample(
+        generate_fn, records, dict(thresholds or DEFAULT_THRESHOLDS), k, max_per_prompt=max_per_prompt,
+        dedupe=dedupe, keep_truncated=keep_truncated, batch_prompts=batch_prompts,
+        timeout_s=cfg.grpo.reward_timeout_s if timeout_s is None else timeout_s, out_path=out)
+    return stats
+
+
 def main(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -331,32 +370,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"checkpoint: {e}", file=sys.stderr)
         return 1
 
-    from r1jax import checkpoint as ckpt_lib
-    from r1jax.model.decoder import abstract_decoder
-    from r1jax.sampling.engine import Weights
-    from r1jax.train.grpo import prompt_records
-
-    k, max_tokens = o.get("k", 8), o.get("max_tokens", cfg.grpo.max_completion_length)
-    records = prompt_records(cfg, tokenizer, o.get("split", "train"), o.get("prompts", 128))
-    graphdef, abstract_params, abstract_extra = abstract_decoder(cfg.model)
-    params, extra = ckpt_lib.load_params(o["checkpoint"], (abstract_params, abstract_extra))
-    longest = max(len(r["prompt_ids"]) for r in records)
-    max_len = min(cfg.model.max_position_embeddings, 1 << math.ceil(math.log2(max(longest + max_tokens, 64))))
-    batch_prompts = o.get("batch_prompts", 64)
-    slots = o.get("slots", min(64, 1 << math.ceil(math.log2(max(batch_prompts * k, 8)))))
-    engine = Engine(Weights(graphdef, params, extra), slots=slots, max_len=max_len, tokenizer=tokenizer)
-    generate_fn = engine_generate_fn(engine, tokenizer, temperature=o.get("temperature", 0.6),
-                                     top_p=o.get("top_p", 0.95), top_k=o.get("top_k", 0), max_tokens=max_tokens,
-                                     seed=o.get("sample_seed", 0))
+    print(f"rejection sampling {o.get('prompts', 128)} {o.get('split', 'train')} prompts x {o.get('k', 8)} samples "
+          f"from {o['checkpoint']}; keep " + ", ".join(f"{n} >= {t:g}" for n, t in args.thresholds.items()), flush=True)
     out = Path(o["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"rejection sampling {len(records)} {o.get('split', 'train')} prompts x {k} samples from "
-          f"{ckpt_lib.resolve(o['checkpoint'])} (tokenizer {getattr(tokenizer, 'model_file', '?')}); keep "
-          + ", ".join(f"{n} >= {t:g}" for n, t in args.thresholds.items()), flush=True)
-    _, stats = rejection_sample(
-        generate_fn, records, args.thresholds, k, max_per_prompt=o.get("max_per_prompt"),
-        dedupe=o.get("dedupe", True), keep_truncated=o.get("keep_truncated", False), batch_prompts=batch_prompts,
-        timeout_s=o.get("timeout_s", cfg.grpo.reward_timeout_s), out_path=out)
+    stats = collect(o["checkpoint"], out, cfg=cfg, tokenizer=tokenizer, thresholds=args.thresholds,
+                    **{key: o[key] for key in COLLECT_OPTIONS if key in o})
     print(format_stats(stats))
     print(f"wrote {stats['kept']} SFT chats to {out}; train on them with: python train.py configs/tiny-sft.yaml "
           f"data.source={out} data.format=chat [init_from=...]")

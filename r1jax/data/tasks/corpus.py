@@ -30,6 +30,13 @@ _DOCUMENT_TEMPLATES = (
 )
 
 
+# R1-Zero's prompt shape (spec §6), short enough for the tiny model's context. Pretraining with
+# `tagged` > 0 writes that share of the documents in it: a real base model has seen such tags on
+# the web, a tiny one trained on the built-in corpus has not, and R1-Zero then finds no reward.
+TAGGED_TEMPLATE = "User: {question}\nAssistant: <think>{reasoning}</think> <answer>{answer}</answer>"
+R1_ZERO_PROMPT = "User: {question}\nAssistant:"
+
+
 def split_of(question: str) -> str:
     """'eval' for EVAL_FRACTION of the hash space of question texts, else 'train'."""
     digest = hashlib.sha256(question.encode("utf-8")).digest()
@@ -70,12 +77,15 @@ def samples(
         yield sample
 
 
-def pretrain_documents(count: int, seed: int, **kwargs) -> Iterator[str]:
-    """Plain-text documents of 1-4 worked problems each, from the train split."""
+def pretrain_documents(count: int, seed: int, *, tagged: float = 0.0, **kwargs) -> Iterator[str]:
+    """Plain-text documents of 1-4 worked problems each, from the train split; a `tagged` share of
+    them in TAGGED_TEMPLATE's <think>/<answer> form."""
     stream = samples("train", seed, **kwargs)
     rng = random.Random(f"documents:{seed}")
     for _ in range(count):
         template = rng.choice(_DOCUMENT_TEMPLATES)
+        if tagged and rng.random() < tagged:
+            template = TAGGED_TEMPLATE
         problems = itertools.islice(stream, rng.randint(1, 4))
         yield "\n\n".join(template.format(**vars(s)) for s in problems)
 
@@ -95,6 +105,36 @@ def sft_records(count: int, seed: int, **kwargs) -> Iterator[dict]:
             "task": sample.task,
             "answer": sample.answer,
         }
+
+
+_NON_REASONING = (
+    ("Who are you?", "The user asks who I am.", "I am r1jax-tiny, a miniature DeepSeek-R1."),
+    ("What can you do?", "The user asks what I can do.", "I solve small arithmetic, countdown and equation problems."),
+    ("Say hello.", "A greeting.", "Hello!"),
+    ("Thank you!", "The user thanks me.", "You are welcome."),
+)
+_WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "orbit", "piano", "lemon", "zebra", "amber", "delta")
+
+
+def non_reasoning_records(count: int, seed: int) -> Iterator[dict]:
+    """Chats that need no long reasoning, the tiny stand-in for R1's ~200k non-reasoning SFT samples
+    (writing, factual QA, self-cognition): who-are-you turns and copy / reverse / spell a word.
+    `{"messages", "task": "chat", "answer"}`, answers tagged as the reasoning chats' are."""
+    rng = random.Random(f"non-reasoning:{seed}")
+    for _ in range(count):
+        kind = rng.randrange(4)
+        word = rng.choice(_WORDS)
+        if kind == 0:
+            question, thought, answer = rng.choice(_NON_REASONING)
+        elif kind == 1:
+            question, thought, answer = f"Repeat the word {word}.", "Copy it.", word
+        elif kind == 2:
+            question, thought, answer = f"Reverse the word {word}.", " ".join(reversed(word)), word[::-1]
+        else:
+            question, thought, answer = f"Spell the word {word}.", "Letter by letter.", " ".join(word)
+        yield {"messages": [{"role": "user", "content": question},
+                            {"role": "assistant", "content": f"<think>{thought}</think> <answer>{answer}</answer>"}],
+               "task": "chat", "answer": answer}
 
 
 def eval_records(count: int, seed: int, **kwargs) -> list[dict]:
