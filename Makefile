@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test venv clean
+.PHONY: demo test r1 venv clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m r1jax.demo
+
+# The whole R1 recipe at tiny scale (configs/recipe/r1-tiny.yaml): ~35 min on 2 CPU cores.
+r1: $(STAMP)
+	$(PY) -m r1jax.recipe configs/recipe/r1-tiny.yaml
 
 test: $(STAMP)
 	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(PY) -m pytest -n 2 --dist worksteal --durations=15 tests

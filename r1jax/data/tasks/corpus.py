@@ -84,9 +84,10 @@ def pretrain_documents(count: int, seed: int, *, tagged: float = 0.0, **kwargs) 
     rng = random.Random(f"documents:{seed}")
     for _ in range(count):
         template = rng.choice(_DOCUMENT_TEMPLATES)
-        if tagged and rng.random() < tagged:
-            template = TAGGED_TEMPLATE
-        problems = itertools.islice(stream, rng.randint(1, 4))
+        n = rng.randint(1, 4)
+        if tagged and rng.random() < tagged:  # one exchange a document: eos follows </answer>
+            template, n = TAGGED_TEMPLATE, 1
+        problems = itertools.islice(stream, n)
         yield "\n\n".join(template.format(**vars(s)) for s in problems)
 
 
