@@ -14,6 +14,7 @@ own layer and any layer before it, never from a later one:
     sampling                                           the engine
     serving                                            the HTTP server
     train                                              steps, loops, GRPO, rejection sampling, dry run
+    eval                                               benchmark evaluation (`python -m r1jax.eval`)
     demo
 
 `parallel` is split by module: `parallel.expert` builds on `model.moe` while the model places its
@@ -44,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("r1jax.sampling",),
     ("r1jax.serving",),
     ("r1jax.train",),
+    ("r1jax.eval",),
     ("r1jax.demo",),
 ]
 
