@@ -15,6 +15,7 @@ own layer and any layer before it, never from a later one:
     serving                                            the HTTP server
     train                                              steps, loops, GRPO, rejection sampling, dry run
     eval                                               benchmark evaluation (`python -m r1jax.eval`)
+    recipe                                             the R1 recipe's stage graph (`python -m r1jax.recipe`)
     demo
 
 `parallel` is split by module: `parallel.expert` builds on `model.moe` while the model places its
@@ -46,6 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("r1jax.serving",),
     ("r1jax.train",),
     ("r1jax.eval",),
+    ("r1jax.recipe",),
     ("r1jax.demo",),
 ]
 
