@@ -50,9 +50,12 @@ def run(cfg: config_lib.Config) -> int:
               f"rollout {result['rollout_tokens_per_s']:,.0f} tokens/s, curves {result['plot']}")
         return 0
     if cfg.mode == "distill":
-        print("mode: distill is not implemented yet (SFT of a dense student: use mode: sft with its model)",
-              file=sys.stderr)
-        return 2
+        from r1jax.train.distill import distill
+
+        summary = distill(cfg)
+        print("\ndistill finished")
+        print(summary.table())
+        return 0
     from r1jax.train.loop import train
 
     summary = train(cfg)

@@ -376,6 +376,44 @@ class GrpoConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """R1's distillation (`r1jax.train.distill`): a teacher's verified traces -> a student (`model`).
+
+    sequence: SFT of the student on the traces. logit: the student matches the teacher's token
+    distributions over the traces (stored top-k, or the live teacher's full vocabulary)."""
+
+    teacher: str | None = None  # a run dir, params export or HF directory (its saved config is the teacher's)
+    kind: Literal["sequence", "logit"] = "sequence"
+    samples: int = 4  # completions per prompt (k)
+    prompts: int = 256  # built-in train-split prompts
+    eval_prompts: int = 0  # built-in eval-split prompts whose traces are held out (the held-out loss)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 128  # completion tokens; a completion cut off here is dropped
+    min: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # reward thresholds
+    batch_prompts: int = 64  # prompts per sampling batch
+    sample_seed: int = 0
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # logit-level divergence
+    jsd_beta: float = 0.5  # JSD_beta's mixture weight of the teacher (0: forward KL, 1: reverse KL)
+    kd_temperature: float = 1.0  # softmax temperature of student and teacher logits
+    top_k: int = 20  # teacher token ids stored per position (stored top-k)
+    live_teacher: bool = False  # the teacher's forward inside the student step (full vocabulary)
+    ce_weight: float = 0.0  # + ce_weight x next-token CE on the trace tokens (logit-level)
+
+    def __post_init__(self):
+        for key in ("samples", "prompts", "max_tokens", "batch_prompts", "top_k"):
+            _require(getattr(self, key) >= 1, key, "must be >= 1")
+        _require(self.eval_prompts >= 0, "eval_prompts", "must be >= 0")
+        _require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature", "temperature >= 0, 0 < top_p <= 1")
+        _require(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
+        _require(self.kd_temperature > 0, "kd_temperature", "must be > 0")
+        _require(self.ce_weight >= 0, "ce_weight", "must be >= 0")
+        _require(bool(self.min) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        for v in self.min.values()),
+                 "min", f"must map reward names to numbers, got {self.min!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """A run: the model, the mesh it runs on, and the training recipe."""
 
@@ -402,6 +440,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = DataConfig()
     grpo: GrpoConfig = GrpoConfig()
+    distill: DistillConfig = DistillConfig()
 
     def __post_init__(self):
         m = self.model
@@ -411,6 +450,8 @@ class Config:
                  f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
         check_fits(m, model=self.mesh.model, expert=self.mesh.expert)  # sizes known before the mesh exists
+        _require(self.mode != "distill" or bool(self.distill.teacher), "distill.teacher",
+                 "mode: distill needs a teacher (a run dir, params export or HF directory)")
 
 
 def check_fits(cfg: ModelConfig, *, model: int, expert: int, data: int | None = None,

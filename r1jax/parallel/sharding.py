@@ -45,6 +45,8 @@ def shardings(tree, mesh: Mesh, rules: dict[str, MeshAxes]):
 
 
 def batch_shardings(batch_keys, mesh: Mesh, rules: dict[str, MeshAxes]) -> dict[str, NamedSharding]:
-    """One sharding for every batch array: [B, T] split by the table's `batch` and `length`."""
+    """One sharding for every batch array: [B, T] split by the table's `batch` and `length`. The
+    spec names the leading two dims, so a [B, T, ...] key (distillation's teacher top-k [B, T, K])
+    is split the same way and keeps its trailing dims whole."""
     spec = to_pspec(("batch", "length"), rules, mesh.axis_names)
     return {k: NamedSharding(mesh, spec) for k in batch_keys}

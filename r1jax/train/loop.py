@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ from r1jax import checkpoint as ckpt_lib
 from r1jax.config import Config, ConfigError, to_dict
 from r1jax.data.datasets import data_source, eval_batches, load_or_train_tokenizer, make_dataset, skipped_lines
 from r1jax.data.pipeline import to_global_batch
+from r1jax.data.tokenizer import Tokenizer
 from r1jax.model.summary import train_flops_per_token
 from r1jax.parallel.backend import on_cpu
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
@@ -67,6 +70,29 @@ class TrainSummary:
         return "\n".join(f"  {k:<22}{v}" for k, v in rows)
 
 
+@dataclasses.dataclass
+class RunData:
+    """What a run trains on: its tokenizer, the train batches (iter() gives a grain
+    DatasetIterator, whose state checkpoints carry) and a fixed list of held-out batches."""
+
+    tokenizer: Tokenizer
+    train: Any
+    held_out: list[dict]
+    skipped: int = 0  # malformed records skipped (data.skip_bad_lines)
+
+
+def lm_data(cfg: Config, mesh=None) -> RunData:
+    """Pretrain / SFT data as the config asks for it (`r1jax.data.datasets`). Data first: a
+    missing path or a malformed record stops the run before the tokenizer and any compile."""
+    train_source, eval_source = data_source(cfg, "train"), data_source(cfg, "eval")
+    skipped = skipped_lines(train_source, eval_source)
+    tokenizer = load_or_train_tokenizer(cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    held_out = eval_batches(cfg, tokenizer, source=eval_source) if eval_source is not None else []
+    return RunData(tokenizer, make_dataset(cfg, tokenizer, source=train_source), held_out, skipped)
+
+
 def _evaluate(step_fn: TrainStep, state, batches: list[dict]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for batch in batches:
@@ -111,9 +137,12 @@ def plot_run(logger: MetricsLogger, path: Path, curves: tuple[str, ...], title: 
     return None
 
 
-def train(cfg: Config) -> TrainSummary:
-    """Runs `cfg.steps` optimizer steps of `cfg.mode` (pretrain or sft) and returns a summary."""
-    if cfg.mode not in ("pretrain", "sft"):
+def train(cfg: Config, *, data: Callable[[Config, Any], RunData] | None = None,
+          make_step: Callable[[Config, Any], TrainStep] | None = None) -> TrainSummary:
+    """Runs `cfg.steps` optimizer steps of `cfg.mode` and returns a summary. pretrain and sft
+    as they are (`lm_data`, `TrainStep`); another mode (logit-level distillation) brings its own
+    `data(cfg, mesh)` and step `make_step(cfg, mesh)` (a `TrainStep` subclass): one loop."""
+    if cfg.mode not in ("pretrain", "sft") and data is None:
         raise ConfigError("mode", f"train() runs pretrain and sft; {cfg.mode!r} has its own entry point")
     t_start = time.perf_counter()
     initialize_distributed(cfg.distributed)
@@ -123,19 +152,14 @@ def train(cfg: Config) -> TrainSummary:
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    # Data first: a missing path or a malformed record stops the run before the tokenizer and any compile.
-    train_source, eval_source = data_source(cfg, "train"), data_source(cfg, "eval")
-    skipped = skipped_lines(train_source, eval_source)
-    tokenizer = load_or_train_tokenizer(cfg)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
-    step_fn = TrainStep(cfg, mesh)
+    run_data = (data or lm_data)(cfg, mesh)
+    tokenizer, skipped, held_out = run_data.tokenizer, run_data.skipped, run_data.held_out
+    step_fn = (make_step or TrainStep)(cfg, mesh)
     checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
                                          keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    iterator = iter(make_dataset(cfg, tokenizer, source=train_source))
+    iterator = iter(run_data.train)
     state, restored = start_state(cfg, step_fn, checkpointer, iterator)
     start = int(state.step) if restored is not None else 0
-    held_out = eval_batches(cfg, tokenizer, source=eval_source) if eval_source is not None else []
 
     # Emulated CPU devices share one machine's cores: its peak is the peak of all of them.
     peak = measure_peak_flops() * (1 if on_cpu() else jax.device_count())
