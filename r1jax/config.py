@@ -389,7 +389,8 @@ class DistillConfig:
     eval_prompts: int = 0  # built-in eval-split prompts whose traces are held out (the held-out loss)
     temperature: float = 0.6
     top_p: float = 0.95
-    max_tokens: int = 128  # completion tokens; a completion cut off here is dropped
+    max_tokens: int = 128  # completion tokens; a completion cut off here is dropped (unless keep_truncated)
+    keep_truncated: bool = False
     min: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # reward thresholds
     batch_prompts: int = 64  # prompts per sampling batch
     sample_seed: int = 0

@@ -7,16 +7,17 @@
     compare: {teacher: final-rl, distilled: distill, rl_only: student-rl}
     stages:
       base:   {kind: train, config: configs/tiny-pretrain.yaml}
-      zero:   {kind: grpo, config: configs/tiny-grpo.yaml, from: base, set: {grpo.steps: 20}}
+      zero:   {kind: grpo, config: configs/tiny-grpo.yaml, from: base, set: {steps: 20}}
       chats:  {kind: collect, from: zero, k: 8, prompts: 256, min: {accuracy: 1, format: 1}}
       sft:    {kind: train, config: configs/tiny-sft.yaml, from: base, data: [chats], non_reasoning: 100}
       ...
 
-Kinds: `train` (pretrain / SFT by its config's mode; `data` lists collect stages whose chats,
-plus `non_reasoning` built-in chats, become its data), `grpo`, `collect` (rejection sampling from
-`from`), `distill` (`teacher` stage into the student started from `from`). `from` sets a stage's
-init_from. `evaluate: false` skips a stage's evaluation; a mapping gives it run-config overrides
-for evaluation (e.g. the prompt template a base model is asked in).
+Kinds: `train` (pretrain / SFT by its config's mode; its data, when given: the chats of the
+collect stages in `data`, `builtin_chats` built-in reference traces and `non_reasoning` built-in
+chats), `grpo`, `collect` (rejection sampling from `from`), `distill` (`teacher` stage into the
+student started from `from`). `from` sets a stage's init_from. `evaluate: false` skips a stage's
+evaluation; a mapping gives it run-config overrides for evaluation (e.g. the prompt template a
+base model is asked in).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from r1jax.config import ConfigError
 
 KINDS = ("train", "grpo", "collect", "distill")
 STAGE_KEYS = {
-    "train": {"kind", "config", "from", "set", "data", "non_reasoning", "evaluate"},
+    "train": {"kind", "config", "from", "set", "data", "builtin_chats", "non_reasoning", "evaluate"},
     "grpo": {"kind", "config", "from", "set", "evaluate"},
     "collect": {"kind", "from", "k", "prompts", "min", "temperature", "top_p", "max_tokens", "max_per_prompt", "keep_truncated",
                 "evaluate"},
     "distill": {"kind", "config", "from", "teacher", "set", "evaluate"},
 }
-RECIPE_KEYS = {"run_dir", "tokenizer_from", "set", "evaluate", "compare", "stages"}
+RECIPE_KEYS = {"run_dir", "tokenizer_from", "set", "evaluate", "compare", "stages", "student"}  # student: for anchors
 COMPARE_KEYS = {"teacher", "distilled", "rl_only"}
 
 

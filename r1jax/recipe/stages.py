@@ -62,8 +62,9 @@ def write_marker(directory: Path, content: dict) -> None:
     os.replace(tmp, directory / MARKER)
 
 
-def _write_sft_data(recipe: Recipe, stage: Stage, directory: Path) -> Path:
-    """The chats of the stage's collect stages plus `non_reasoning` built-in chats, one file."""
+def _write_sft_data(recipe: Recipe, stage: Stage, directory: Path, tasks: dict) -> Path:
+    """One file of SFT chats: the stage's collect stages' chats, `builtin_chats` built-in reference
+    traces of `tasks` (`datasets.task_options`), and `non_reasoning` built-in chats."""
     out = directory / "data.jsonl"
     tmp = directory / ".data.jsonl.tmp"
     count = 0
@@ -73,6 +74,9 @@ def _write_sft_data(recipe: Recipe, stage: Stage, directory: Path) -> Path:
                 if line.strip():
                     f.write(line + "\n")
                     count += 1
+        for record in corpus.sft_records(int(stage.spec.get("builtin_chats", 0)), seed=1, **tasks):
+            f.write(json.dumps(record) + "\n")
+            count += 1
         for record in corpus.non_reasoning_records(int(stage.spec.get("non_reasoning", 0)), seed=0):
             f.write(json.dumps(record) + "\n")
             count += 1
@@ -85,10 +89,13 @@ def _write_sft_data(recipe: Recipe, stage: Stage, directory: Path) -> Path:
 def run_train(recipe: Recipe, stage: Stage, directory: Path) -> dict:
     from r1jax.train.loop import train
 
-    values = {}
-    if stage.spec.get("data") or stage.spec.get("non_reasoning"):
-        values = {"data.source": str(_write_sft_data(recipe, stage, directory)), "data.format": "chat"}
-    summary = train(stage_config(recipe, stage, **values))
+    from r1jax.data.datasets import task_options
+
+    cfg = stage_config(recipe, stage)
+    if any(stage.spec.get(k) for k in ("data", "builtin_chats", "non_reasoning")):
+        path = _write_sft_data(recipe, stage, directory, task_options(cfg))
+        cfg = stage_config(recipe, stage, **{"data.source": str(path), "data.format": "chat"})
+    summary = train(cfg)
     return {"final_loss": summary.final_loss, "steps": summary.steps}
 
 

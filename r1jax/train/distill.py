@@ -183,7 +183,8 @@ def generate_traces(cfg: Config, teacher: Teacher, run_dir: Path) -> dict | None
     for split, records, path in splits:
         tmp = path.with_name(path.name + ".tmp")
         kept, stats[split] = rejection_sample(generate, records, dict(d.min), d.samples, batch_prompts=d.batch_prompts,
-                                              timeout_s=cfg.grpo.reward_timeout_s, out_path=tmp)
+                                              keep_truncated=d.keep_truncated, timeout_s=cfg.grpo.reward_timeout_s,
+                                              out_path=tmp)
         log.info("teacher traces (%s):\n%s", split, format_stats(stats[split]))
         if not kept and split == "train":
             raise ConfigError("distill.min", f"none of the teacher's {stats[split]['samples']} completions passed "
