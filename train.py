@@ -39,9 +39,13 @@ def main(argv: list[str]) -> int:
 
 def run(cfg: config_lib.Config) -> int:
     if cfg.mode == "grpo":
-        from r1jax.train.grpo import GrpoTrainer
+        from r1jax.train.grpo import GrpoTrainer, NoSignalError
 
-        result = GrpoTrainer(cfg).train()
+        try:
+            result = GrpoTrainer(cfg).train()
+        except NoSignalError as e:  # grpo.max_iterations_without_signal iterations of all-alike groups
+            print(f"training stopped: {e}", file=sys.stderr)
+            return 1
         print("\ngrpo finished")
         for name in ("first_eval", "final_eval"):
             if result[name]:
