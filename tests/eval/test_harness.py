@@ -7,12 +7,9 @@ script (`ScriptedEngine`, as in tests/serving): a correct, well-formed R1 comple
 through the server's reasoning split and back."""
 
 import json
-import threading
-import time
 import typing
 
 import pytest
-import uvicorn
 
 from r1jax import eval as r1eval
 from r1jax.eval import backends, benchmarks
@@ -21,7 +18,7 @@ from r1jax.eval.metrics import summarize
 from r1jax.sampling.engine import Engine
 from r1jax.serving.app import create_app
 from tests.eval.conftest import GSM8K
-from tests.serving.test_server import _free_port
+from tests.serving.loopback import serving
 
 K = 2
 MAX_TOKENS = 24
@@ -71,22 +68,10 @@ def engine(tiny_run, scripted):
 def test_endpoint_matches_in_process(tiny_run, scripted, engine):
     tok = tiny_run["tok"]
     app = create_app(engine, tok, model_name="tiny-eval")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started
-    try:
-        common = {"data": [scripted["data"]], "k": K, "temperature": 0.0, "max_tokens": MAX_TOKENS, "seed": 5,
-                  "progress": False, "batch_prompts": 4}
+    common = {"data": [scripted["data"]], "k": K, "temperature": 0.0, "max_tokens": MAX_TOKENS, "seed": 5,
+              "progress": False, "batch_prompts": 4}
+    with serving(app) as port:
         served = r1eval.evaluate(endpoint=f"http://127.0.0.1:{port}/v1", tokenizer=tok.model_file, **common)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
     local = r1eval.evaluate(checkpoint=str(tiny_run["dir"]), **common)
     # Lengths: a server reports the total of a request's choices; per choice they are re-encoded.
     without_length = lambda result: [{**r, "length": None} for r in result["records"]]

@@ -8,16 +8,13 @@ worker thread, detokeniser, reasoning splitter and SSE path all run as in produc
 import asyncio
 import http.client
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 
 from r1jax.config import load_model
 from r1jax.data.tokenizer import render_chat, train_sentencepiece
@@ -25,6 +22,7 @@ from r1jax.sampling.engine import Engine
 from r1jax.serving.app import create_app
 from r1jax.serving.reasoning import ReasoningSplitter, split_reasoning
 from tests.sampling import materialise
+from tests.serving.loopback import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test"
@@ -49,12 +47,6 @@ class ScriptedEngine(Engine):
         super()._emit(slot, token, logprob, events)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
@@ -65,20 +57,10 @@ def server(tmp_path_factory):
     engine = ScriptedEngine(materialise(cfg), slots=8, max_len=MAX_LEN)
     engine.script = tok.encode(SCRIPT) + [tok.eos_id]
     app = create_app(engine, tok, model_name=MODEL, api_key=KEY)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started, "the server did not start"
-    base = f"http://127.0.0.1:{port}"
-    yield {"base": base, "port": port, "tok": tok, "engine": engine, "worker": app.state.worker,
-           "client": openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)}
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as port:
+        base = f"http://127.0.0.1:{port}"
+        yield {"base": base, "port": port, "tok": tok, "engine": engine, "worker": app.state.worker,
+               "client": openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)}
 
 
 def _http(server, method: str, path: str, body: bytes | None = None, key: str | None = KEY):
