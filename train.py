@@ -46,6 +46,10 @@ def run(cfg: config_lib.Config) -> int:
         except NoSignalError as e:  # grpo.max_iterations_without_signal iterations of all-alike groups
             print(f"training stopped: {e}", file=sys.stderr)
             return 1
+        if result["stopped_at"] is not None:
+            print(f"\ngrpo stopped after iteration {result['stopped_at']} on a signal, checkpointed: the same command "
+                  "resumes it")
+            return 0
         print("\ngrpo finished")
         for name in ("first_eval", "final_eval"):
             if result[name]:

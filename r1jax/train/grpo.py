@@ -21,6 +21,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 
 from r1jax import checkpoint as ckpt_lib
@@ -33,9 +34,10 @@ from r1jax.sampling import Engine, SamplingParams, Weights, generate
 from r1jax.train import advantages as adv_lib
 from r1jax.train import rewards as rewards_lib
 from r1jax.train.evaluate import evaluate_tasks
-from r1jax.train.loop import finish_run, plot_run, start_state
+from r1jax.train.loop import finish_run, plot_run, start_state, stop_with_checkpoint
 from r1jax.train.metrics import MetricsLogger, to_python
 from r1jax.train.policy_loss import grpo_loss, token_entropy, token_logprobs
+from r1jax.train.preemption import StopRequest
 from r1jax.train.state import TrainState
 from r1jax.train.step import TrainStep
 
@@ -154,6 +156,8 @@ class GrpoTrainer:
         self.mesh = make_mesh(cfg.mesh, devices)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # as train.py's runs: the config beside the run, for eval / serve
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.tokenizer = load_or_train_tokenizer(cfg)
         self.rows = g.prompts_per_step * g.num_generations
         if self.rows % g.num_minibatches:
@@ -359,9 +363,11 @@ class GrpoTrainer:
         samples_path = self.run_dir / "samples.jsonl"
         rollout_s = update_s = 0.0
         rollout_tokens = 0
-        first_eval = last_eval = first_signal = None
+        first_eval = last_eval = first_signal = stopped_at = None
         without_signal = 0
+        stop = StopRequest()
         try:
+            stop.__enter__()
             if start == 0 and self.eval_records:
                 first_eval = self.evaluate(state)
                 logger.log(0, first_eval, prefix="eval_")
@@ -415,16 +421,22 @@ class GrpoTrainer:
                 if self.checkpointer.should_save(it + 1):
                     self.checkpointer.save(it + 1, state, data_state=self.prompts.get_state(),
                                            meta={"iteration": it + 1, "config": to_dict(cfg)})
-            if self.eval_records and (last_eval is None or (g.eval_every and cfg.steps % g.eval_every)):
-                last_eval = self.evaluate(state)
-                logger.log(cfg.steps, last_eval, prefix="eval_")
-            finish_run(self.checkpointer, state, cfg.steps, self.run_dir, data_state=self.prompts.get_state(),
-                       meta={"iteration": cfg.steps, "config": to_dict(cfg)}, export_meta={"config": to_dict(cfg)})
+                if stop.requested() and it + 1 < cfg.steps:
+                    stopped_at = stop_with_checkpoint(self.checkpointer, it + 1, state, self.prompts.get_state(),
+                                                      {"iteration": it + 1, "config": to_dict(cfg)})
+                    break
+            if stopped_at is None:
+                if self.eval_records and (last_eval is None or (g.eval_every and cfg.steps % g.eval_every)):
+                    last_eval = self.evaluate(state)
+                    logger.log(cfg.steps, last_eval, prefix="eval_")
+                finish_run(self.checkpointer, state, cfg.steps, self.run_dir, data_state=self.prompts.get_state(),
+                           meta={"iteration": cfg.steps, "config": to_dict(cfg)}, export_meta={"config": to_dict(cfg)})
         finally:
+            stop.__exit__()
             logger.close()
             self.checkpointer.close()
         plot = plot_run(logger, self.run_dir / "curves.png", CURVES, "GRPO")
         return {"first_eval": first_eval, "final_eval": last_eval, "rollout_s": rollout_s, "update_s": update_s,
-                "first_signal_share": first_signal and first_signal.share,
+                "first_signal_share": first_signal and first_signal.share, "stopped_at": stopped_at,
                 "rollout_tokens_per_s": rollout_tokens / max(rollout_s, 1e-9), "plot": plot,
                 "wall_s": time.perf_counter() - t_start, "state": state}

@@ -28,6 +28,7 @@ from r1jax.model.summary import train_flops_per_token
 from r1jax.parallel.backend import on_cpu
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
 from r1jax.train.metrics import MetricsLogger, measure_peak_flops, plot_curves, to_python
+from r1jax.train.preemption import StopRequest
 from r1jax.train.state import learning_rate_schedule
 from r1jax.train.step import TrainStep
 
@@ -51,6 +52,7 @@ class TrainSummary:
     wall_s: float
     resumed_from: int | None = None
     skipped_lines: int = 0  # malformed data records skipped (data.skip_bad_lines)
+    stopped_at: int | None = None  # the step a SIGTERM / SIGINT stopped the run after (checkpointed)
 
     def table(self) -> str:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -65,6 +67,9 @@ class TrainSummary:
         ]
         if self.resumed_from is not None:
             rows.insert(2, ("resumed from step", str(self.resumed_from)))
+        if self.stopped_at is not None:
+            rows.insert(2, ("stopped at step", f"{self.stopped_at} of {self.steps} (signal; checkpointed, resume=auto "
+                                               "continues)"))
         if self.skipped_lines:
             rows.insert(2, ("skipped data lines", f"{self.skipped_lines} (malformed; see the warnings)"))
         return "\n".join(f"  {k:<22}{v}" for k, v in rows)
@@ -130,6 +135,18 @@ def finish_run(checkpointer: ckpt_lib.Checkpointer, state, steps: int, run_dir: 
     return ckpt_lib.export_params(run_dir / "params", state, export_meta)
 
 
+def stop_with_checkpoint(checkpointer: ckpt_lib.Checkpointer, step: int, state, data_state, meta: dict,
+                         nonfinite: float = 0.0) -> int:
+    """After a stop request: `step` checkpointed (unless it just was, or followed a non-finite
+    step: then the newest good checkpoint stands) and every save awaited. Returns `step`."""
+    if checkpointer.latest_step() != step and not nonfinite:
+        checkpointer.save(step, state, data_state=data_state, meta=meta, force=True)
+    checkpointer.wait()
+    log.warning("stopped after step %d on a signal; checkpoints in %s (resume: auto continues)", step,
+                checkpointer.directory)
+    return step
+
+
 def plot_run(logger: MetricsLogger, path: Path, curves: tuple[str, ...], title: str) -> str | None:
     """The run's curves as a PNG (the first process only), or None."""
     if jax.process_index() == 0 and logger.history:
@@ -173,7 +190,10 @@ def train(cfg: Config, *, data: Callable[[Config, Any], RunData] | None = None,
     meta = {"config": to_dict(cfg), "tokenizer": str(getattr(tokenizer, "model_file", ""))}
     if cfg.data.skip_bad_lines:
         logger.log(start, {"skipped_lines": skipped}, prefix="data/")
+    stopped_at = None
+    stop = StopRequest()
     try:
+        stop.__enter__()
         for step in range(start, cfg.steps):
             batch = to_global_batch(next(iterator), step_fn.batch_shardings["inputs"])
             t0 = time.perf_counter()
@@ -206,13 +226,19 @@ def train(cfg: Config, *, data: Callable[[Config, Any], RunData] | None = None,
                     log.warning("step %d: no checkpoint after a non-finite step", step + 1)
                 else:
                     checkpointer.save(step + 1, state, data_state=iterator.get_state(), meta=meta)
-        if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
-            eval_loss = _evaluate(step_fn, state, held_out)["loss"]
-            logger.log(cfg.steps, {"loss": eval_loss}, prefix="eval_")
-        finish_run(checkpointer, state, cfg.steps, run_dir, data_state=iterator.get_state(), meta=meta,
-                   export_meta=meta)
+            if stop.requested() and step + 1 < cfg.steps:
+                stopped_at = stop_with_checkpoint(checkpointer, step + 1, state, iterator.get_state(), meta,
+                                                  metrics["nonfinite"])
+                break
+        if stopped_at is None:
+            if held_out and (not cfg.eval_every or cfg.steps % cfg.eval_every):
+                eval_loss = _evaluate(step_fn, state, held_out)["loss"]
+                logger.log(cfg.steps, {"loss": eval_loss}, prefix="eval_")
+            finish_run(checkpointer, state, cfg.steps, run_dir, data_state=iterator.get_state(), meta=meta,
+                       export_meta=meta)
         params_dir = run_dir / "params"
     finally:
+        stop.__exit__()
         logger.close()
         checkpointer.close()
     plot = plot_run(logger, run_dir / "curves.png", CURVES, f"{cfg.mode}: {run_dir.name}")
@@ -223,4 +249,5 @@ def train(cfg: Config, *, data: Callable[[Config, Any], RunData] | None = None,
         mfu=mean_speed and mean_speed * flops_per_step / tokens_per_step / peak,
         peak_flops=peak, checkpoint_dir=str(run_dir / "checkpoints"), params_dir=str(params_dir), plot=plot,
         wall_s=time.perf_counter() - t_start, resumed_from=start or None, skipped_lines=skipped,
+        stopped_at=stopped_at,
     )

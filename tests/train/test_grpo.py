@@ -150,3 +150,33 @@ def test_no_signal_stops_redraws_then_the_run_with_a_clear_message(tmp_path, mon
         trainer.train()
     assert len(rounds) == 2  # one round per iteration, two iterations
     assert trainer.last_signal.informative == 0 and trainer.last_signal.groups == rounds[-1]
+
+
+def test_sigterm_stops_grpo_after_the_iteration_with_a_checkpoint(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from r1jax.checkpoint import _finished_steps
+
+    trainer = _trainer(tmp_path, "mesh.data=1", "grpo.eval_prompts=0", "steps=6", "checkpoint.every=0")
+    g = trainer.cfg.grpo
+    calls = []
+
+    def fake_sample(state, prompts, seed):
+        calls.append(seed)
+        if len(calls) == 2:  # the notice arrives during iteration 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [[Completion([11, 12, 13 + j], [], "stop") for j in range(g.num_generations)] for _ in prompts]
+
+    def fake_score(prompts, completions):
+        n = len(prompts) * g.num_generations
+        return [""] * n, np.tile(np.arange(g.num_generations, dtype=float), len(prompts)), {}, np.full(n, 3)
+
+    monkeypatch.setattr(trainer, "_sample", fake_sample)
+    monkeypatch.setattr(trainer, "_score", fake_score)
+    before = signal.getsignal(signal.SIGTERM)
+    result = trainer.train()
+    assert result["stopped_at"] == 2 and len(calls) == 2
+    assert _finished_steps(tmp_path / "checkpoints") == [2]
+    assert not (tmp_path / "params").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again

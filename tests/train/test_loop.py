@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from r1jax import config as config_lib
@@ -80,16 +81,17 @@ def _losses(run_dir):
     return by_step
 
 
-def test_killed_and_resumed_run_equals_straight_run(tmp_path):
-    straight = _train(tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    newest = _train_and_kill(tmp_path / "killed")
-    assert 3 <= newest < 8  # killed mid-run, after a checkpoint (every 3 steps)
-    resumed = _train(tmp_path / "killed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [int(s) for s in re.findall(r"resumed from step\s+(\d+)", resumed.stdout)] == [newest], resumed.stdout
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    done = _train(run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
 
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+
+def _same_run(a_dir, b_dir):
+    """Per-step losses and final params equal, bitwise."""
+    a, b = _losses(a_dir), _losses(b_dir)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same data order, same RNG, same state
 
@@ -97,9 +99,41 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path):
     from r1jax.train.step import TrainStep  # noqa: PLC0415
 
     abstract = TrainStep(config_lib.load(*RUN)).abstract
-    params = [load_params(tmp_path / run / "params", (abstract.params, abstract.extra)) for run in ("straight", "killed")]
+    params = [load_params(Path(run) / "params", (abstract.params, abstract.extra)) for run in (a_dir, b_dir)]
     for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_checkpoints_the_step_exits_0_and_resumes_bitwise(straight, tmp_path):
+    """A preemption notice: the run stops after the step it arrived in, with that step saved."""
+    run_dir = tmp_path / "preempted"
+    log = Path(f"{run_dir}.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "train.py", *RUN, f"run_dir={run_dir}", "checkpoint.every=0"],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not _logged_steps(run_dir / "metrics.jsonl"):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    stopped = _finished_steps(run_dir / "checkpoints")
+    assert len(stopped) == 1 and 1 <= stopped[0] < 8, (stopped, log.read_text()[-3000:])  # every=0: only this one
+    assert max(_logged_steps(run_dir / "metrics.jsonl")) == stopped[0]
+    assert not (run_dir / "params").exists()  # an unfinished run exports nothing
+    resumed = _train(run_dir, "checkpoint.every=0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(s) for s in re.findall(r"resumed from step\s+(\d+)", resumed.stdout)] == stopped
+    _same_run(straight, run_dir)
+
+
+def test_killed_and_resumed_run_equals_straight_run(straight, tmp_path):
+    newest = _train_and_kill(tmp_path / "killed")
+    assert 3 <= newest < 8  # killed mid-run, after a checkpoint (every 3 steps)
+    resumed = _train(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(s) for s in re.findall(r"resumed from step\s+(\d+)", resumed.stdout)] == [newest], resumed.stdout
+    _same_run(straight, tmp_path / "killed")
 
 
 def test_bad_config_fails_at_start_naming_the_key():
