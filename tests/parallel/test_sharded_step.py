@@ -143,3 +143,15 @@ def test_expert_parallel_step_uses_all_to_all_and_never_gathers_expert_weights()
     for line in gathers:
         result_type = line.split("=", 1)[1].split("all-gather", 1)[0]
         assert not any(shape in result_type for shape in expert_shapes), line.strip()[:300]
+
+
+@pytest.mark.parametrize("shape, fsdp", [((2, 2, 2), False), ((1, 4, 2), True)])
+def test_same_seed_same_initial_params_on_every_mesh(shape, fsdp):
+    """A run can move between meshes without a checkpoint: init(seed) is mesh-invariant
+    (partitionable threefry: each shard draws its own slice of the same random stream)."""
+    single = TrainStep(_cfg()).init(3)
+    cfg = _cfg(shape, fsdp)
+    sharded = TrainStep(cfg, make_mesh(cfg.mesh)).init(3)
+    assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(sharded.params))
+    chex.assert_trees_all_equal(_host(single.params), _host(sharded.params))
+    chex.assert_trees_all_equal(_host(single.extra), _host(sharded.extra))
