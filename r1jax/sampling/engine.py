@@ -62,6 +62,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, checked on the decoded text (needs a tokenizer)
 
 
+def _check_sampling(sampling: SamplingParams, sample_index: int) -> None:
+    """ValueError for values the compiled sampler cannot take (checked here, so that a bad request
+    fails alone instead of failing the step of every request in the engine)."""
+    if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {sampling.temperature}")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if not 0 <= sampling.top_k < 2**31:
+        raise ValueError(f"top_k must be in [0, 2**31), got {sampling.top_k}")
+    if not 0 <= sample_index < 2**31:
+        raise ValueError(f"sample_index must be in [0, 2**31), got {sample_index}")
+
+
 @dataclasses.dataclass
 class Completion:
     token_ids: list[int]  # generated tokens, a final stop token included
@@ -154,7 +167,9 @@ class Engine:
             raise ValueError(f"request {request_id!r} is already in the engine")
         if not 0 < len(prompt_ids) < self.max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens: need 1..{self.max_len - 1} (max_len)")
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+        _check_sampling(sampling, sample_index)
+        # Any integer seed (OpenAI's are signed 64-bit) folded into the sampler's 32 bits.
+        seed = int(sampling.seed) % (1 << 32) if sampling.seed is not None else secrets.randbits(31)
         req = _Request(request_id, list(map(int, prompt_ids)), sampling, on_token, sample_index, seed)
         self.by_id[request_id] = req
         self.waiting.append(req)

@@ -5,7 +5,8 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`: SSE
 `data: {...}` chunks ending with `data: [DONE]`), GET /v1/models, GET /health (no key needed;
-reports the engine's active slots). Chat output inside `<think>…</think>` goes to
+reports the engine's active slots; 503 while draining), GET /metrics (Prometheus text format,
+`r1jax.serving.metrics`; needs the key when one is set). Chat output inside `<think>…</think>` goes to
 `reasoning_content`, the rest to `content` (`r1jax.serving.reasoning`).
 
 Sampling: `temperature`, `top_p`, `top_k` (extra), `seed`, `max_tokens`, `stop`, `n`. The `n`
@@ -21,8 +22,11 @@ aborted in the engine, which may have computed a token or two more.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
 JSON, invalid fields and prompts that do not fit (`context_length_exceeded`), 401 for a missing
-or wrong key, 404 for an unknown model. A client that disconnects has its requests aborted, so
-their slots are free for the next step.
+or wrong key, 404 for an unknown model, 413 for a body over `max_body_bytes`, 429 with
+`Retry-After` when `slots + max_waiting` sequences are already held, 503 while shutting down
+(`r1jax.serving.admission`). A client that disconnects has its requests aborted, so their slots
+are free for the next step. Prompts are logged only with `log_requests=True`; CORS headers are
+sent only for `cors_origins`.
 
 Left out: logprobs in responses, tools / function calling, `echo`, penalties, `logit_bias`,
 `best_of`, prompt caching across requests.
@@ -42,14 +46,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.sampling.engine import Engine, Event, SamplingParams
 from r1jax.serving import protocol as p
+from r1jax.serving.admission import Admission, NotAdmitted
+from r1jax.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from r1jax.serving.reasoning import ReasoningSplitter, opens_reasoning, partial_suffix, split_reasoning
-from r1jax.serving.worker import EngineWorker
+from r1jax.serving.worker import EngineWorker, Refused
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +66,60 @@ _DISCONNECT_POLL_S = 1.0  # non-streaming requests check for a gone client this 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.body = status, p.error_body(message, type_, code, param)
+        self.status, self.body, self.headers = status, p.error_body(message, type_, code, param), headers
+
+
+class Ticket:
+    """Sequences held in the admission count; `release` is idempotent."""
+
+    def __init__(self, admission: Admission, sequences: int):
+        admission.admit(sequences)
+        self.admission, self.sequences, self.since = admission, sequences, time.monotonic()
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission.release(self.sequences)
+
+
+class _TicketedStream(StreamingResponse):
+    """Releases its ticket however the response ends, even if its body was never iterated (a
+    client gone before the first byte)."""
+
+    def __init__(self, content, ticket: Ticket):
+        super().__init__(content, media_type="text/event-stream")
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+class _CountResponses:
+    """ASGI middleware: every HTTP response's status into the metrics."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.response(scope["path"], status[0])
 
 
 # ----------------------------------------------------------------------------- text of one choice
@@ -106,12 +165,16 @@ class ChoiceText:
 
 
 def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_name: str = "r1jax",
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_waiting: int = 64, max_body_bytes: int = 4 << 20,
+               cors_origins: Sequence[str] = (), log_requests: bool = False) -> FastAPI:
     """The app; its lifespan starts the engine thread (unless `engine` is a started worker) and
-    stops it at shutdown. `app.state.worker` is the `EngineWorker`."""
+    stops it at shutdown. `app.state.worker` is the `EngineWorker`, `app.state.admission` the
+    `Admission` (slots + max_waiting sequences), `app.state.metrics` the `ServerMetrics`."""
     worker = engine if isinstance(engine, EngineWorker) else EngineWorker(engine)
     eng = worker.engine
     created = int(time.time())
+    admission = Admission(eng.slots, max_waiting)
+    metrics = ServerMetrics(worker, admission)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -123,11 +186,15 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
             worker.stop()
 
     app = FastAPI(title="r1jax", lifespan=lifespan)
-    app.state.worker = worker
+    app.state.worker, app.state.admission, app.state.metrics = worker, admission, metrics
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(_CountResponses, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body, status_code=e.status)
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -147,10 +214,26 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
+    async def read_body(request: Request) -> bytes:
+        too_large = APIError(413, f"The request body is over this server's limit of {max_body_bytes} bytes.",
+                             code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_large
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise too_large
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected while sending the body", code="client_disconnected") from None
+        return bytes(body)
+
     async def parse(request: Request, model: type[pydantic.BaseModel]):
         check_key(request)
         try:
-            data = json.loads(await request.body())
+            data = json.loads(await read_body(request))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
         try:
@@ -163,7 +246,18 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
         if req.model != model_name:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{model_name}`.",
                            code="model_not_found", param="model")
+        if log_requests:
+            log.info("%s %s", request.url.path, json.dumps(data, ensure_ascii=False)[:4000])
         return req
+
+    def admit(sequences: int) -> Ticket:
+        try:
+            return Ticket(admission, sequences)
+        except NotAdmitted as e:
+            headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+            type_ = "invalid_request_error" if e.status == 400 else "server_error" if e.status == 503 else "requests"
+            raise APIError(e.status, str(e), type_, e.code, param="n" if e.status == 400 else None,
+                           headers=headers) from None
 
     def plan(req, prompts: list[list[int]]) -> SamplingParams:
         longest = max(len(x) for x in prompts)
@@ -179,15 +273,17 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed,
                               max_tokens=max_tokens, stop_token_ids=(tokenizer.eos_id,))
 
-    async def run(prompts: list[list[int]], n: int, sampling: SamplingParams, stops: Sequence[str],
+    async def run(prompts: list[list[int]], n: int, sampling: SamplingParams, stops: Sequence[str], ticket: Ticket,
                   gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[int, str, ChoiceText]]:
         """(choice index, new text, its ChoiceText) as tokens arrive; choice p * n + j is sample
-        j of prompt p. Unfinished requests are aborted when the consumer stops early."""
+        j of prompt p. Unfinished requests are aborted when the consumer stops early; the ticket
+        is released when this ends."""
         uid = uuid.uuid4().hex
         out: asyncio.Queue = asyncio.Queue()
         subs = [((uid, i * n + j), prompt, sampling, j) for i, prompt in enumerate(prompts) for j in range(n)]
         texts = {rid: ChoiceText(tokenizer, stops, sampling.stop_token_ids) for rid, *_ in subs}
         pending = set(texts)
+        last_token: dict = {}
         worker.submit(subs, out)
         try:
             while pending:
@@ -200,10 +296,16 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
                         if await gone():
                             return
                         continue
+                if isinstance(item, Refused):
+                    raise APIError(400, str(item), code="invalid_value")
                 if isinstance(item, Exception):
                     raise APIError(500, f"the engine failed: {item}", "server_error")
                 if item.request_id not in pending:
                     continue  # a token computed after a stop string ended the choice
+                now = time.monotonic()
+                before = last_token.get(item.request_id)
+                metrics.token(now, ticket.since if before is None else None, None if before is None else now - before)
+                last_token[item.request_id] = now
                 text = texts[item.request_id]
                 new = text.push(item)
                 if text.finish_reason is not None:
@@ -214,6 +316,7 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
         finally:
             for rid in pending:
                 worker.abort(rid)
+            ticket.release()
 
     def usage(prompts, texts: Sequence[ChoiceText]) -> p.Usage:
         prompt_tokens = sum(len(x) for x in prompts)
@@ -227,10 +330,14 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
     async def collect(prompts, n, sampling, stops, request: Request):
         parts: dict[int, list[str]] = {}
         texts: dict[int, ChoiceText] = {}
-        async with contextlib.aclosing(run(prompts, n, sampling, stops, request.is_disconnected)) as events:
-            async for index, new, text in events:
-                parts.setdefault(index, []).append(new)
-                texts[index] = text
+        ticket = admit(len(prompts) * n)
+        try:
+            async with contextlib.aclosing(run(prompts, n, sampling, stops, ticket, request.is_disconnected)) as events:
+                async for index, new, text in events:
+                    parts.setdefault(index, []).append(new)
+                    texts[index] = text
+        finally:
+            ticket.release()
         if len(texts) < len(prompts) * n or any(t.finish_reason is None for t in texts.values()):
             raise APIError(400, "the client disconnected")  # nobody reads this
         return {i: "".join(parts[i]) for i in sorted(parts)}, texts
@@ -239,10 +346,17 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if worker.alive else "engine stopped", "model": model_name,
-                "active_slots": worker.active_slots, "waiting": worker.waiting, "slots": eng.slots,
-                "max_len": eng.max_len, "steps": worker.steps}
-        return JSONResponse(body, status_code=200 if worker.alive else 503)
+        status = "engine stopped" if not worker.alive else "draining" if admission.draining else "ok"
+        body = {"status": status, "model": model_name, "active_slots": worker.active_slots, "waiting": worker.waiting,
+                "slots": eng.slots, "max_len": eng.max_len, "steps": worker.steps,
+                "requests_in_flight": admission.requests, "sequences_held": admission.held,
+                "capacity": admission.capacity}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        check_key(request)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -284,7 +398,7 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
             for i in range(req.n):
                 yield sse(chunk(i, p.Delta(role="assistant", content="")))
             try:
-                async with contextlib.aclosing(run(prompts, req.n, sampling, req.stop)) as events:
+                async with contextlib.aclosing(run(prompts, req.n, sampling, req.stop, ticket)) as events:
                     async for i, new, text in events:
                         texts[i] = text
                         r, c = splitters[i].feed(new)
@@ -303,7 +417,8 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
                                                 usage=usage(prompts, texts.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        ticket = admit(req.n)
+        return _TicketedStream(stream(), ticket)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -334,7 +449,7 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
             now = int(time.time())
             texts: dict[int, ChoiceText] = {}
             try:
-                async with contextlib.aclosing(run(prompts, req.n, sampling, req.stop)) as events:
+                async with contextlib.aclosing(run(prompts, req.n, sampling, req.stop, ticket)) as events:
                     async for i, new, text in events:
                         texts[i] = text
                         if new or text.finish_reason is not None:
@@ -348,6 +463,29 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
                                        usage=usage(prompts, texts.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        ticket = admit(len(prompts) * req.n)
+        return _TicketedStream(stream(), ticket)
 
+    app.openapi = lambda: openapi_schema(app, model_name)
     return app
+
+
+def openapi_schema(app: FastAPI, model_name: str) -> dict:
+    """FastAPI's schema plus the request bodies: the endpoints parse their JSON themselves (to
+    answer in OpenAI's error shape), so FastAPI does not know them; clients and fuzzers should.
+    `model` is the one model served."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in (("/v1/chat/completions", p.ChatCompletionRequest), ("/v1/completions", p.CompletionRequest)):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        body["properties"]["model"] = {"type": "string", "enum": [model_name]}
+        components[model.__name__] = body
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    app.openapi_schema = schema
+    return schema

@@ -20,7 +20,7 @@ class _Request(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # extra: 0 is off
+    top_k: int = Field(0, ge=0, lt=2**31)  # extra: 0 is off
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None

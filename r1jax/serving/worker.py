@@ -3,7 +3,8 @@
     worker = EngineWorker(engine).start()
     queue = asyncio.Queue()
     worker.submit([(rid, prompt_ids, sampling, sample_index)], queue)   # from the event loop
-    item = await queue.get()      # an `Event`, or an Exception if the engine refused the request
+    item = await queue.get()      # an `Event`; `Refused` if the engine refused the request, another
+                                  # Exception if an engine step failed
     worker.abort(rid)             # e.g. the client went away: its slot is free for the next step
 
 The engine is not thread-safe, so only the worker thread touches it: requests and aborts go in
@@ -24,6 +25,10 @@ from typing import Hashable, Sequence
 from r1jax.sampling.engine import Engine, Event, SamplingParams
 
 log = logging.getLogger(__name__)
+
+class Refused(ValueError):
+    """The engine refused one request (its prompt or sampling values); the others go on."""
+
 
 Submission = tuple[Hashable, Sequence[int], SamplingParams, int]  # (request_id, prompt_ids, sampling, sample_index)
 
@@ -77,7 +82,7 @@ class EngineWorker:
                 try:
                     self.engine.add_request(rid, prompt, sampling, sample_index=sample_index)
                 except Exception as e:  # a refused request fails alone
-                    loop.call_soon_threadsafe(out.put_nowait, e)
+                    loop.call_soon_threadsafe(out.put_nowait, Refused(str(e)))
                     continue
                 self._routes[rid] = (loop, out)
         elif msg[0] == "abort":
