@@ -351,7 +351,13 @@ class GrpoConfig:
     # one informative group stop the run with NoSignalError (0: never stop).
     max_iterations_without_signal: int = 5
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
-    reward_timeout_s: float = 10.0
+    reward_timeout_s: float = 10.0  # one deadline for all reward calls of a batch
+    # Rewards in worker processes (`train.reward_sandbox`): killed at the deadline, address space
+    # capped at reward_memory_mb, a crash contained. false: threads of the trainer (debugging only:
+    # a hang is abandoned, not killed, and a crash or runaway allocation takes the run down).
+    reward_sandbox: bool = True
+    reward_workers: int = 2
+    reward_memory_mb: int = 2048
     # None: prompts in the tokenizer's chat template. A string with {question}: raw text after
     # bos, as R1-Zero prompts its base model (corpus.R1_ZERO_PROMPT; the paper's longer one in
     # configs/grpo-r1-zero.yaml).
@@ -373,6 +379,10 @@ class GrpoConfig:
         _require(self.prompt_template is None or "{question}" in self.prompt_template, "prompt_template",
                  "must contain {question}")
         _require(0 <= self.epsilon_low < 1 and self.epsilon_high >= 0, "epsilon_low", "clip range out of bounds")
+        _require(self.reward_timeout_s > 0, "reward_timeout_s", f"must be > 0, got {self.reward_timeout_s}")
+        _require(self.reward_workers >= 1, "reward_workers", f"must be >= 1, got {self.reward_workers}")
+        # Python with math-verify imported already maps ~200 MB.
+        _require(self.reward_memory_mb >= 256, "reward_memory_mb", f"must be >= 256, got {self.reward_memory_mb}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,7 @@ from r1jax.train.loop import finish_run, plot_run, start_state, stop_with_checkp
 from r1jax.train.metrics import MetricsLogger, to_python
 from r1jax.train.policy_loss import grpo_loss, token_entropy, token_logprobs
 from r1jax.train.preemption import StopRequest
+from r1jax.train.reward_sandbox import RewardSandbox
 from r1jax.train.state import TrainState
 from r1jax.train.step import TrainStep
 
@@ -144,6 +145,8 @@ class Rollout:
     tokens: int
     seconds: float
     frac_zero_std: float = 0.0  # of all groups sampled, before dynamic sampling drops any
+    reward_errors: int = 0  # samples scored 0 for a failed reward (`RewardResult.errors`), all rounds
+    reward_timeouts: int = 0
 
 
 class GrpoTrainer:
@@ -164,6 +167,10 @@ class GrpoTrainer:
             raise ConfigError("grpo.num_minibatches", "must divide prompts_per_step * num_generations")
         self.step_fn = GrpoStep(dataclasses.replace(cfg, batch_size=self.rows // g.num_minibatches), self.mesh)
         self.reward_fns = [(rewards_lib.load_reward_fn(name), float(w)) for name, w in g.rewards.items()]
+        # Its workers start at the first batch and stop at the end of train().
+        self.reward_sandbox = (RewardSandbox(g.reward_workers, g.reward_memory_mb, preload=[f for f, _ in self.reward_fns])
+                               if g.reward_sandbox else None)
+        self.reward_failures = {"errors": 0, "timeouts": 0}  # of the current rollout
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints", every=cfg.checkpoint.every,
                                                   keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         records = prompt_records(cfg, self.tokenizer)
@@ -201,7 +208,9 @@ class GrpoTrainer:
                  for cs in completions for c in cs]
         columns = {k: [p[k] for p in flat_prompts] for k in ("answer", "task", "question")}
         result = rewards_lib.compute_rewards(self.reward_fns, [p["prompt"] for p in flat_prompts], texts, columns,
-                                             timeout_s=g.reward_timeout_s)
+                                             timeout_s=g.reward_timeout_s, sandbox=self.reward_sandbox)
+        self.reward_failures["errors"] += result.errors
+        self.reward_failures["timeouts"] += result.timeouts
         lengths = np.array([len(c.token_ids) for cs in completions for c in cs])
         total = result.total.copy()
         if g.overlong_buffer:
@@ -214,6 +223,7 @@ class GrpoTrainer:
         are all equal are dropped and more prompts are drawn until the batch is full."""
         g = self.cfg.grpo
         t0 = time.perf_counter()
+        self.reward_failures = {"errors": 0, "timeouts": 0}
         kept: list[tuple] = []
         tokens = drawn = flat = 0
         reward_sum = 0.0
@@ -246,7 +256,9 @@ class GrpoTrainer:
             log.warning("dynamic sampling found %d of %d informative groups", len(kept), g.prompts_per_step)
             kept = [kept[i % len(kept)] for i in range(g.prompts_per_step)]
         kept = kept[: g.prompts_per_step]
-        return dataclasses.replace(self._assemble(kept, tokens, time.perf_counter() - t0), frac_zero_std=flat / drawn)
+        return dataclasses.replace(self._assemble(kept, tokens, time.perf_counter() - t0), frac_zero_std=flat / drawn,
+                                   reward_errors=self.reward_failures["errors"],
+                                   reward_timeouts=self.reward_failures["timeouts"])
 
     def _assemble(self, groups, tokens: int, seconds: float) -> Rollout:
         """T is the longest prompt + completion rounded up to a multiple of LENGTH_BUCKET (at
@@ -389,7 +401,8 @@ class GrpoTrainer:
                         f"sample hotter, or change the task (grpo.max_iterations_without_signal="
                         f"{g.max_iterations_without_signal}; checkpoints in {self.checkpointer.directory} are intact)")
                 if ro is None:
-                    logger.log(it + 1, {"skipped_no_signal": 1.0, "signal_share": 0.0})
+                    logger.log(it + 1, {"skipped_no_signal": 1.0, "signal_share": 0.0,
+                                        **{f"reward/{k}": v for k, v in self.reward_failures.items()}})
                     continue
                 t0 = time.perf_counter()
                 state, metrics = self.update(state, ro, it)
@@ -403,6 +416,7 @@ class GrpoTrainer:
                     truncated_ratio=float(ro.truncated.mean()), rollout_s=ro.seconds, update_s=dt,
                     rollout_tokens_per_s=ro.tokens / max(ro.seconds, 1e-9),
                 )
+                metrics["reward/errors"], metrics["reward/timeouts"] = ro.reward_errors, ro.reward_timeouts
                 for name, values in ro.per_function.items():
                     metrics[f"rewards/{name}/mean"] = float(np.nanmean(values))
                     metrics[f"rewards/{name}/std"] = float(np.nanstd(values))
@@ -435,6 +449,8 @@ class GrpoTrainer:
             stop.__exit__()
             logger.close()
             self.checkpointer.close()
+            if self.reward_sandbox is not None:
+                self.reward_sandbox.close()
         plot = plot_run(logger, self.run_dir / "curves.png", CURVES, "GRPO")
         return {"first_eval": first_eval, "final_eval": last_eval, "rollout_s": rollout_s, "update_s": update_s,
                 "first_signal_share": first_signal and first_signal.share, "stopped_at": stopped_at,

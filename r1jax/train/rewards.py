@@ -3,8 +3,12 @@
 A reward function follows TRL's signature:
     fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 where each column is a list with one entry per completion (e.g. `answer`, `task`), and None
-means "does not apply to this sample". `RewardRunner` calls several under a time limit and
-combines them with weights; user functions are named by import path "package.module:function".
+means "does not apply to this sample". User functions are named by import path
+"package.module:function". `compute_rewards` (and `RewardRunner`) calls several under one
+deadline and combines them with weights; given a `reward_sandbox.RewardSandbox` (GRPO's default,
+`grpo.reward_sandbox`) each call runs in a worker process with a memory cap, killed at the
+deadline. A hang, a crash, an exception or a NaN / inf value scores 0 for the samples it touches
+and is counted (`RewardResult.errors` / `timeouts`); the run goes on.
 """
 
 import importlib
@@ -13,14 +17,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 
 import math_verify
 import numpy as np
 
 from r1jax.data.tasks import TASKS, check_record
+from r1jax.train.reward_sandbox import RewardSandbox, run_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +73,8 @@ def extract_answer(completion: str) -> str | None:
 
 
 def _parse_math(text: str) -> list:
-    # math-verify's own timeout is signal.alarm, which only works on the main thread;
-    # elsewhere (RewardRunner's threads) the runner's deadline bounds it instead.
+    # math-verify's own timeout is signal.alarm, which only works on the main thread (as in a
+    # sandbox worker); elsewhere (compute_rewards' threads) the runner's deadline bounds it instead.
     on_main = threading.current_thread() is threading.main_thread()
     # A bare answer ("x^2+1", "\frac12") is LaTeX, but math-verify only reads LaTeX in math
     # delimiters or \boxed.
@@ -226,11 +229,15 @@ def load_reward_fn(path: str) -> RewardFn:
 @dataclass
 class RewardResult:
     """per_function: name -> [N] float (NaN where the function returned None);
-    total: [N] weighted sum with NaN as 0 (TRL's nansum); failed: names that raised or timed out."""
+    total: [N] weighted sum with NaN as 0 (TRL's nansum); failed: names that raised, crashed or
+    timed out. errors / timeouts: samples scored 0 for a failure / a timeout, counted per sample
+    and function (a call that raises on a batch of N adds N; one NaN adds 1)."""
 
     per_function: dict[str, np.ndarray]
     total: np.ndarray
     failed: list[str]
+    errors: int = 0
+    timeouts: int = 0
 
 
 def _fn_name(fn: Callable) -> str:
@@ -238,19 +245,15 @@ def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", repr(fn))
 
 
-def _start(fn: RewardFn, prompts, completions, columns) -> Future:
-    # A daemon thread, not a ThreadPoolExecutor: a hung reward can't be killed in Python,
-    # and executor threads are joined at interpreter exit, so one hang would block exit.
-    future: Future = Future()
-
-    def call():
-        try:
-            future.set_result(fn(prompts, completions, **columns))
-        except BaseException as e:  # noqa: BLE001 - reported to the caller through the future
-            future.set_exception(e)
-
-    threading.Thread(target=call, daemon=True, name=f"reward-{_fn_name(fn)}").start()
-    return future
+def _scores(values: Sequence, n: int) -> tuple[np.ndarray, int]:
+    """[n] float64, NaN where None; NaN / inf values become 0. Returns them and how many were."""
+    if len(values) != n:
+        raise ValueError(f"returned {len(values)} rewards for {n} completions")
+    scores = np.array([0.0 if v is None else float(v) for v in values], np.float64)
+    bad = ~np.isfinite(scores)
+    scores[bad] = 0.0
+    scores[np.array([v is None for v in values], bool)] = np.nan
+    return scores, int(bad.sum())
 
 
 def compute_rewards(
@@ -259,51 +262,70 @@ def compute_rewards(
     completions: list[str],
     columns: Mapping[str, Sequence] | None = None,
     timeout_s: float = 60.0,
+    sandbox: RewardSandbox | None = None,
 ) -> RewardResult:
-    """Run every reward function concurrently on the batch, each given `timeout_s` seconds.
+    """Run every reward function concurrently on the batch, all under one deadline `timeout_s` away.
 
-    A function that raises, hangs past the deadline or returns the wrong number of values
-    scores 0 on the whole batch; it is logged with its name and error and the others count.
+    With a `sandbox` each call runs in a worker process and one still running at the deadline
+    is killed; without, in a thread of this process, and a hang is abandoned. A function that
+    raises, crashes, hangs past the deadline or returns the wrong number of values scores 0 on
+    the whole batch; a NaN or inf value scores 0 for its sample. Each is logged with the
+    function's name and counted in the result; the others count.
     """
     columns = dict(columns or {})
     n = len(completions)
-    started = [(fn, w, _start(fn, prompts, completions, columns)) for fn, w in fns_with_weights]
+    if sandbox is not None:
+        sandbox.start()  # before the deadline: a (re)start is not the rewards' time
+        started = [(fn, w, sandbox.submit(fn, prompts, completions, columns, timeout_s)) for fn, w in fns_with_weights]
+    else:
+        started = [(fn, w, run_in_thread(fn, prompts, completions, **columns)) for fn, w in fns_with_weights]
     deadline = time.monotonic() + timeout_s
     per_function, failed = {}, []
+    errors = timeouts = 0
     total = np.zeros(n, np.float64)
     for fn, weight, future in started:
         name = _fn_name(fn)
         if name in per_function:
             name = f"{name}_{len(per_function)}"
         try:
-            values = future.result(timeout=max(deadline - time.monotonic(), 0.0))
-            if len(values) != n:
-                raise ValueError(f"returned {len(values)} rewards for {n} completions")
-            scores = np.array([np.nan if v is None else float(v) for v in values], np.float64)
-        except FutureTimeoutError:
+            scores, nonfinite = _scores(future.result(timeout=max(deadline - time.monotonic(), 0.0)), n)
+        except TimeoutError:  # ours at the deadline, or the sandbox's kill
+            future.cancel()  # in a worker: kills it
             logger.error("reward function %s timed out after %.1fs; scoring 0", name, timeout_s)
-            scores = np.zeros(n)
+            scores, nonfinite = np.zeros(n), 0
             failed.append(name)
+            timeouts += n
         except Exception as e:  # noqa: BLE001 - a broken reward must not stop training
-            logger.error("reward function %s failed (%r); scoring 0", name, e, exc_info=e)
-            scores = np.zeros(n)
+            if hasattr(e, "exitcode"):  # a sandbox worker died (pebble.ProcessExpired): no traceback to show
+                logger.error("reward function %s crashed its worker (exit code %s); scoring 0", name, e.exitcode)
+            else:
+                logger.error("reward function %s failed (%r); scoring 0", name, e, exc_info=e)
+            scores, nonfinite = np.zeros(n), 0
             failed.append(name)
+            errors += n
+        if nonfinite:
+            logger.error("reward function %s returned %d NaN / inf values; scoring them 0", name, nonfinite)
+            errors += nonfinite
         per_function[name] = scores
         total += weight * np.nan_to_num(scores, nan=0.0)
-    return RewardResult(per_function, total, failed)
+    return RewardResult(per_function, total, failed, errors, timeouts)
 
 
 class RewardRunner:
     """Weighted reward functions loaded from config, e.g.
-    RewardRunner.from_config({"accuracy": 1.0, "format": 0.5, "my_pkg.rewards:length": 0.1})."""
+    RewardRunner.from_config({"accuracy": 1.0, "format": 0.5, "my_pkg.rewards:length": 0.1}).
+    With a `sandbox` they run in its worker processes (`compute_rewards`)."""
 
-    def __init__(self, fns_with_weights: Sequence[tuple[RewardFn, float]], timeout_s: float = 60.0):
+    def __init__(self, fns_with_weights: Sequence[tuple[RewardFn, float]], timeout_s: float = 60.0,
+                 sandbox: RewardSandbox | None = None):
         self.fns_with_weights = list(fns_with_weights)
         self.timeout_s = timeout_s
+        self.sandbox = sandbox
 
     @classmethod
-    def from_config(cls, weights_by_path: Mapping[str, float], timeout_s: float = 60.0):
-        return cls([(load_reward_fn(p), w) for p, w in weights_by_path.items()], timeout_s)
+    def from_config(cls, weights_by_path: Mapping[str, float], timeout_s: float = 60.0,
+                    sandbox: RewardSandbox | None = None):
+        return cls([(load_reward_fn(p), w) for p, w in weights_by_path.items()], timeout_s, sandbox)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> RewardResult:
-        return compute_rewards(self.fns_with_weights, prompts, completions, columns, self.timeout_s)
+        return compute_rewards(self.fns_with_weights, prompts, completions, columns, self.timeout_s, self.sandbox)
