@@ -63,7 +63,7 @@ def run(recipe: Recipe, *, only_evaluate: bool = False) -> list[dict]:
         rows.append({"stage": stage.name, "kind": stage.kind, "wall_s": marker["wall_s"], "ran": ran,
                      "result": marker["result"], "evaluation": evaluation})
     png = report.plot(rows, recipe.run_dir / "recipe.png", f"R1 recipe: {Path(recipe.path).name}")
-    summary = [{k: v for k, v in r.items() if k != "evaluation"} | {"metrics": report._metrics(r["evaluation"])}
+    summary = [{k: v for k, v in r.items() if k != "evaluation"} | {"metrics": report.overall_metrics(r["evaluation"])}
                for r in rows]
     (recipe.run_dir / "recipe.json").write_text(json.dumps(summary, indent=1))
     print(f"\n== {recipe.path}: every stage, evaluated on the held-out built-in tasks "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _metrics(evaluation: dict | None) -> dict:
+def overall_metrics(evaluation: dict | None) -> dict:
     return (evaluation or {}).get("metrics", {}).get("overall", {})
 
 
@@ -18,7 +18,7 @@ def table(rows: list[dict]) -> str:
     header = f"  {'stage':<18}{'kind':<9}{'wall':>8}  {'pass@1':>14}{'cons@k':>9}{'format':>8}{'length':>8}  note"
     lines = [header, "  " + "-" * (len(header) - 2)]
     for row in rows:
-        m = _metrics(row["evaluation"])
+        m = overall_metrics(row["evaluation"])
         cons = _k_key(m, "cons@")
         note = "" if row["ran"] else "(done earlier)"
         if row["kind"] == "collect":
@@ -36,7 +36,7 @@ def table(rows: list[dict]) -> str:
 def goal_line(rows: list[dict], compare: dict) -> str | None:
     """The paper's claim, checked: the distilled student's pass@1 against the teacher's (goal
     >= 0.8x) and against the same student trained by RL alone."""
-    by_name = {r["stage"]: _metrics(r["evaluation"]) for r in rows}
+    by_name = {r["stage"]: overall_metrics(r["evaluation"]) for r in rows}
     teacher, distilled, rl_only = (by_name.get(compare.get(k)) for k in ("teacher", "distilled", "rl_only"))
     if not (teacher and distilled):
         return None
@@ -52,7 +52,7 @@ def goal_line(rows: list[dict], compare: dict) -> str | None:
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     """Bars of pass@1 (with its standard error) and cons@k per evaluated stage."""
-    evaluated = [(r["stage"], _metrics(r["evaluation"])) for r in rows if _metrics(r["evaluation"])]
+    evaluated = [(r["stage"], overall_metrics(r["evaluation"])) for r in rows if overall_metrics(r["evaluation"])]
     if not evaluated:
         return None
     import matplotlib
