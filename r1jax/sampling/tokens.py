@@ -70,7 +70,9 @@ def _truncation_mask(scaled, top_k, top_p):
     the smallest of those, by logit, whose probability reaches top_p (the top token always
     stays). Tokens tied with the last one kept are kept too."""
     v = scaled.shape[1]
-    ranked = -jnp.sort(-scaled, axis=-1)  # descending
+    # Descending values; `top_k` over the whole row, not `sort`: XLA:CPU's comparator sort of a
+    # [B, V] row was most of a top-p decode step, its TopK kernel a fraction (same values).
+    ranked = jax.lax.top_k(scaled, v)[0]
     in_k = jnp.arange(v)[None] < jnp.where(top_k > 0, top_k, v)[:, None]
     probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
     in_p = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
