@@ -399,11 +399,11 @@ def load(path, *, mesh=None, dtype: str | None = None, **overrides):
     from r1jax.interop import hf_dir
     from r1jax.interop.safetensors_files import is_hf_dir
 
-    overrides = {**hf_dir.dtype_fields(dtype), **overrides}
     places = [path, Path(path).parent]
     if is_hf_dir(path):
-        model = hf_dir.load_model(path, mesh=mesh, **overrides)
+        model = hf_dir.load_model(path, mesh=mesh, dtype=dtype, **overrides)
     else:
+        overrides = {**hf_dir.dtype_fields(dtype), **overrides}
         meta = ckpt_lib.read_meta(path)
         cfg = dataclasses.replace(build(ModelConfig, meta["config"]["model"], "model"), **overrides)
         graphdef, target = hf_dir.abstract_model(cfg, mesh)

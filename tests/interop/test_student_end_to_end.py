@@ -9,11 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
 import torch
 import transformers as tf
+from flax import nnx
 
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.interop import hf
@@ -48,6 +51,18 @@ def test_python_api_and_convert(student, tmp_path):
     assert summary["tensors"] == len(ref.state_dict()) and (out / "tokenizer.json").is_file()
     again, _ = hf.load(out)
     np.testing.assert_array_equal(np.asarray(again(ids).logits), np.asarray(model(ids).logits))
+
+
+def test_load_with_a_dtype(student):
+    """hf.load(HF dir, dtype=...) once passed the dtype fields twice (TypeError)."""
+    model, _ = hf.load(student, dtype="bfloat16")
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
+    ids = np.asarray([[1, 2, 3, 4]])
+    want = tf.AutoModelForCausalLM.from_pretrained(student).eval()
+    with torch.no_grad():
+        ref = want(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids).logits, np.float32), ref, atol=0.1, rtol=0)
 
 
 def _free_port() -> int:
