@@ -60,20 +60,32 @@ def mha_cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
     return cfg.num_attention_heads * (k + v) * cfg.num_hidden_layers * jnp.dtype(dtype).itemsize
 
 
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+    """Weights one training token multiplies by (forward), MTP included. Conventions: the
+    embedding is a lookup, not a matmul (left out); the LM head counts, and counts again for
+    every MTP depth (the shared head runs once per depth); a MoE layer counts its router, its
+    shared experts and `num_experts_per_tok` routed experts; norms count (a few thousand
+    parameters, not matmuls, well under 0.1%)."""
+    count = count_params(cfg)
+    d, k = cfg.hidden_size, cfg.num_nextn_predict_layers
+    n = count.active - cfg.vocab_size * d
+    if k:
+        unused = (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * d * cfg.moe_intermediate_size if cfg.is_moe else 0
+        n += count.mtp - k * unused + k * cfg.vocab_size * d
+    return n
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward): 6 · active matmul
-    parameters, plus causal attention scores (q·k and p·v, half the square on average)."""
-    count = count_params(cfg)
-    matmul_params = count.active - cfg.vocab_size * cfg.hidden_size  # the embedding lookup is no matmul
-    if cfg.num_nextn_predict_layers:
-        matmul_params += count.mtp  # MTP runs in training
+    parameters (`matmul_params_per_token`), plus causal attention scores (q·k and p·v, half the
+    square on average)."""
     if cfg.is_mla:
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
     else:
         qk = v = cfg.gqa_head_dim
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     attn = 2 * cfg.num_attention_heads * (qk + v) * seq_len / 2 * layers
-    return 3.0 * (2.0 * matmul_params + attn)
+    return 3.0 * (2.0 * matmul_params_per_token(cfg) + attn)
 
 
 def summary(cfg: ModelConfig) -> str:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from r1jax.config import ModelConfig
 from r1jax.model.layers import causal_blocks
-from r1jax.model.summary import count_params
+from r1jax.model.summary import matmul_params_per_token
 from r1jax.parallel.chips import Chip
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -399,24 +399,6 @@ def hlo_costs(text: str) -> HloCosts:
 
 
 # ----------------------------------------------------------------------------- analytic count
-
-
-def matmul_params_per_token(cfg: ModelConfig) -> int:
-    """Weights one training token multiplies by (forward), MTP included. Conventions: the
-    embedding is a lookup, not a matmul (left out); the LM head counts, and counts again for
-    every MTP depth (the shared head runs once per depth); a MoE layer counts its router, its
-    shared experts and `num_experts_per_tok` routed experts; norms count (a few thousand
-    parameters, not matmuls, well under 0.1%).
-
-    `r1jax.model.summary.train_flops_per_token` (the loop's MFU) differs: it adds the MTP
-    modules with all their routed experts and without their head."""
-    count = count_params(cfg)
-    d, k = cfg.hidden_size, cfg.num_nextn_predict_layers
-    n = count.active - cfg.vocab_size * d
-    if k:
-        unused = (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * d * cfg.moe_intermediate_size if cfg.is_moe else 0
-        n += count.mtp - k * unused + k * cfg.vocab_size * d
-    return n
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, computed: bool = False) -> float:
