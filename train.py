@@ -24,6 +24,9 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("r1jax").setLevel(logging.INFO)
+    # jax and Orbax load here, once the config reads.
+    from r1jax.checkpoint import CheckpointError
+
     try:
         return run(cfg)
     except config_lib.ConfigError as e:  # e.g. a data path that does not exist
@@ -34,6 +37,9 @@ def main(argv: list[str]) -> int:
         return 1
     except FloatingPointError as e:  # max_nonfinite_steps NaN/inf losses in a row
         print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except CheckpointError as e:  # a save failed on disk (full, quota): the newest finished checkpoint stands
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 1
 
 

@@ -28,14 +28,25 @@ half-way never shadows the previous one. A finalized checkpoint that no longer r
 (truncated or overwritten files) is skipped by `restore()` with a warning naming it; it is left
 on disk for inspection (and moved aside to `<step>.unreadable-<time>` only if the run saves
 that step again).
+
+A save that fails on the filesystem (disk full, quota, permissions; Orbax's writer threads report
+it at the next save or wait) raises `CheckpointError`, one line naming the directory, the step and
+the newest checkpoint still intact, and removes the partial step directory. Orbax's own logs of
+that failure (a traceback a thread) and TensorStore's callbacks into the failed save's closed event
+loop ("Event loop is closed", one a pending write) are not printed: the error says it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +65,12 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # under a run_dir
 _ITEMS = ("params", "extra", "optimizer", "data", "meta")
 _COMMIT_FILE = "_CHECKPOINT_METADATA"  # written by Orbax before the final rename
+_TMP = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp, then renames it
+
+
+class CheckpointError(RuntimeError):
+    """A save failed on the filesystem (no space left, quota exceeded, no permission). The message
+    is one line: the cause, the step, the directory and the newest checkpoint still intact."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -161,6 +178,59 @@ def _brief(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:160]}"
 
 
+def _os_error(e: BaseException | None) -> int | None:
+    """The errno behind a failed write: an OSError in `e`'s chain, or TensorStore's
+    "[os_error_code='28']" in the ValueError that Orbax re-raises from its writer threads."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"os_error_code='(\d+)'", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _cause(code: int) -> str:
+    return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
+        code, os.strerror(code).lower())
+
+
+class _FailedWriteNoise(logging.Filter):
+    """Drops the error logs of a write that failed on the filesystem (Orbax's threads, asyncio's
+    unretrieved tasks: one traceback each, the same error): it reaches the caller as a
+    CheckpointError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return _os_error(exc) is None and "os_error_code=" not in record.getMessage()
+
+
+def _closed_loop_noise(previous):
+    def hook(unraisable) -> None:
+        # A failed save's other pending TensorStore writes complete into the event loop Orbax
+        # already closed; nothing is lost (the save failed as a whole) and each one would print
+        # a traceback.
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and unraisable.object is None:
+            return
+        previous(unraisable)
+
+    hook.r1jax_quiet = True
+    return hook
+
+
+def _quiet_failed_writes() -> None:
+    for name in ("absl", "asyncio"):  # Orbax's threads; "Task exception was never retrieved"
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _FailedWriteNoise) for f in logger.filters):
+            logger.addFilter(_FailedWriteNoise())
+    if not getattr(sys.unraisablehook, "r1jax_quiet", False):
+        sys.unraisablehook = _closed_loop_noise(sys.unraisablehook)
+
+
 def _data_file(step_dir: Path) -> Path:
     return step_dir / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
@@ -177,6 +247,9 @@ class Checkpointer:
         self.every = every
         self.keep = keep
         self._broken: set[int] = set()
+        self._in_flight: int | None = None  # the step of a background save not yet waited for
+        self._failed = False
+        _quiet_failed_writes()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
@@ -199,6 +272,7 @@ class Checkpointer:
         step = int(step)
         if not (force or self.should_save(step)):
             return False
+        self._settle()  # the previous save's failure is reported as that step's, not this one's
         if step in self._mgr.all_steps():
             if step not in self._broken:
                 return False
@@ -211,7 +285,35 @@ class Checkpointer:
             items["extra"] = ocp.args.StandardSave(nested["extra"])
         if data_state is not None:
             items["data"] = _GrainSave(_DataBox(data_state))
-        return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
+        with self._reporting(step):
+            saved = bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
+        self._in_flight = step if saved else None
+        return saved
+
+    def _settle(self) -> None:
+        """Waits for the save in flight, if any; raises its failure."""
+        step, self._in_flight = self._in_flight, None
+        with self._reporting(step):
+            self._mgr.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _reporting(self, step: int | None):
+        """A filesystem failure while saving `step` as a one-line CheckpointError, its partial
+        directory removed (a later start would remove it too; the space is wanted now)."""
+        try:
+            yield
+        except Exception as e:
+            code = _os_error(e)
+            if code is None:
+                raise
+            self._failed = True
+            if jax.process_index() == 0:
+                for partial in self.directory.glob(f"{step}{_TMP}*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            newest = self.latest_step()
+            intact = (f"the previous checkpoint, step {newest}, is intact (resume: auto continues from it)"
+                      if newest is not None else "no earlier checkpoint")
+            raise CheckpointError(f"{_cause(code)} while saving step {step} to {self.directory}; {intact}") from e
 
     def _move_aside(self, step: int) -> None:
         src = self.directory / str(step)
@@ -224,12 +326,18 @@ class Checkpointer:
         self._mgr.reload()
 
     def wait(self) -> None:
-        """Blocks until a background save has been committed."""
-        self._mgr.wait_until_finished()
+        """Blocks until a background save has been committed; raises its failure."""
+        self._settle()
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        """Waits for the save in flight, then releases Orbax's threads. After a reported failure it
+        only releases them (the failure is not raised twice)."""
+        if not self._failed:
+            self._settle()
+            self._mgr.close()
+            return
+        with contextlib.suppress(Exception):
+            self._mgr.close()
 
     # -- reading
 
@@ -247,7 +355,7 @@ class Checkpointer:
         target: the state as `jax.ShapeDtypeStruct`s with `sharding=` (`abstract_target`); the
         restored state has its exact tree, dtypes and shardings. With step=None an unreadable
         checkpoint is skipped with a warning and the next older one tried."""
-        self._mgr.wait_until_finished()
+        self._settle()
         if step is not None:
             return self._restore_step(target, int(step))
         steps = self.all_steps()
@@ -318,6 +426,7 @@ def export_params(directory: str | Path, state_or_params, meta: Mapping | None =
     params State. The directory appears only once complete; an existing export there is
     replaced after the new one is written. Returns its path."""
     directory = Path(directory).absolute()
+    _quiet_failed_writes()
     weights = _weights(state_or_params)
     items = {"params": ocp.args.PyTreeSave(_to_nested(weights["params"])),
              "meta": ocp.args.JsonSave({"time": time.time(), **(meta or {})})}
@@ -329,8 +438,18 @@ def export_params(directory: str | Path, state_or_params, meta: Mapping | None =
     fresh = directory.with_name(f"{directory.name}.new-{stamp}")
     # Uncompressed: zstd over every array at once held ~the parameters' size again in host memory
     # and took 4x longer (benchmarks/convert.py); the files are ~20% larger.
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as ckptr:
-        ckptr.save(fresh, args=ocp.args.Composite(**items))
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as ckptr:
+            ckptr.save(fresh, args=ocp.args.Composite(**items))
+    except Exception as e:
+        code = _os_error(e)
+        if code is None:
+            raise
+        if jax.process_index() == 0:
+            for partial in fresh.parent.glob(f"{fresh.name}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        before = "the previous export there is intact" if directory.exists() else "nothing was exported"
+        raise CheckpointError(f"{_cause(code)} while exporting params to {directory}; {before}") from e
     if jax.process_index() == 0:
         old = directory.with_name(f"{directory.name}.old-{stamp}")
         if directory.exists():
