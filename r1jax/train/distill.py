@@ -70,11 +70,21 @@ from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.parallel.sharding import batch_shardings, shardings
 from r1jax.sampling.engine import Engine, Weights
-from r1jax.train.distill_losses import distill_loss, full_vocab_divergence, topk_divergence
+from r1jax.train.distill_losses import (
+    distill_loss,
+    full_vocab_divergence,
+    topk_divergence,
+)
 from r1jax.train.grpo import prompt_records
-from r1jax.train.losses import lm_loss
 from r1jax.train.loop import RunData, TrainSummary, train
-from r1jax.train.rejection import engine_generate_fn, format_stats, load_run, rejection_sample
+from r1jax.train.losses import lm_loss
+from r1jax.train.rejection import (
+    engine_generate_fn,
+    format_stats,
+    load_run,
+    rejection_sample,
+    sandbox_for,
+)
 from r1jax.train.step import BATCH_KEYS, TrainStep, forward
 
 log = logging.getLogger(__name__)
@@ -95,7 +105,7 @@ class Teacher:
     tokenizer: Tokenizer
 
     @classmethod
-    def open(cls, cfg: Config) -> "Teacher":
+    def open(cls, cfg: Config) -> Teacher:
         """The teacher's config and tokenizer (no weights yet); a ConfigError naming distill.teacher."""
         path = cfg.distill.teacher
         try:
@@ -180,18 +190,19 @@ def generate_traces(cfg: Config, teacher: Teacher, run_dir: Path) -> dict | None
     generate = engine_generate_fn(engine, tok, temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens,
                                   seed=d.sample_seed)
     stats = {}
-    for split, records, path in splits:
-        tmp = path.with_name(path.name + ".tmp")
-        kept, stats[split] = rejection_sample(generate, records, dict(d.min), d.samples, batch_prompts=d.batch_prompts,
-                                              keep_truncated=d.keep_truncated, timeout_s=cfg.grpo.reward_timeout_s,
-                                              out_path=tmp)
-        log.info("teacher traces (%s):\n%s", split, format_stats(stats[split]))
-        if not kept and split == "train":
-            raise ConfigError("distill.min", f"none of the teacher's {stats[split]['samples']} completions passed "
-                                             f"{dict(d.min)}: a stronger teacher, more samples, or lower thresholds")
-        if split == "train":
-            (run_dir / STATS).write_text(json.dumps(stats, indent=1))
-        os.replace(tmp, path)
+    with sandbox_for(cfg) as sandbox:  # the rewards' worker processes, for all splits
+        for split, records, path in splits:
+            tmp = path.with_name(path.name + ".tmp")
+            kept, stats[split] = rejection_sample(generate, records, dict(d.min), d.samples, batch_prompts=d.batch_prompts,
+                                                  keep_truncated=d.keep_truncated, timeout_s=cfg.grpo.reward_timeout_s,
+                                                  out_path=tmp, sandbox=sandbox)
+            log.info("teacher traces (%s):\n%s", split, format_stats(stats[split]))
+            if not kept and split == "train":
+                raise ConfigError("distill.min", f"none of the teacher's {stats[split]['samples']} completions passed "
+                                                 f"{dict(d.min)}: a stronger teacher, more samples, or lower thresholds")
+            if split == "train":
+                (run_dir / STATS).write_text(json.dumps(stats, indent=1))
+            os.replace(tmp, path)
     del engine
     return stats
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from r1jax.sampling.engine import Completion, Engine, SamplingParams
 from r1jax.train import rewards as rewards_lib
+from r1jax.train.reward_sandbox import RewardSandbox
 
 log = logging.getLogger("r1jax.train.rejection")  # not __main__ under python -m
 
@@ -81,6 +82,14 @@ def _json_float(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
+def sandbox_for(cfg):
+    """The run's reward sandbox (`grpo.reward_sandbox`, workers, memory cap) as a context, or a
+    null context when it is off."""
+    if not cfg.grpo.reward_sandbox:
+        return contextlib.nullcontext()
+    return RewardSandbox(cfg.grpo.reward_workers, cfg.grpo.reward_memory_mb)
+
+
 def rejection_sample(
     generate_fn: GenerateFn,
     prompts: Sequence[dict],
@@ -94,6 +103,7 @@ def rejection_sample(
     batch_prompts: int = 64,
     timeout_s: float = 10.0,
     out_path: str | os.PathLike | None = None,
+    sandbox: RewardSandbox | None = None,
 ) -> tuple[list[dict], dict]:
     """k samples of every prompt; keep those whose every reward is >= its threshold.
 
@@ -101,7 +111,8 @@ def rejection_sample(
     ...}; "messages" instead of "question" for a multi-turn or system prompt). Every key but
     prompt / prompt_ids / messages shared by all prompts goes to the reward functions as a column.
     rewards: name -> threshold, or name -> (fn, threshold); functions run by `rewards.compute_rewards`
-    (concurrently, `timeout_s` per batch of `batch_prompts` prompts; one that fails or times out
+    (concurrently, `timeout_s` per batch of `batch_prompts` prompts, in `sandbox`'s worker processes
+    when one is given; one that fails or times out
     rejects the whole batch, whatever its threshold). A reward of None ("does not apply") fails unless
     `none_passes`. Of a prompt's passing samples, identical completions count once (`dedupe`,
     whitespace at the ends ignored), and at most `max_per_prompt` are kept: the highest summed
@@ -137,7 +148,7 @@ def rejection_sample(
             flat = [p for p in batch for _ in range(k)]
             columns = {c: [p[c] for p in flat] for c in columns_keys}
             result = rewards_lib.compute_rewards([(fn, 1.0) for _, fn, _ in specs], [p["prompt"] for p in flat],
-                                                 list(texts), columns, timeout_s=timeout_s)
+                                                 list(texts), columns, timeout_s=timeout_s, sandbox=sandbox)
             scores = np.stack(list(result.per_function.values()), axis=1)  # [N, R], in specs' order
             broken = np.array([key in result.failed for key in result.per_function])
             failed.update(name for name, b in zip(names, broken) if b)
@@ -332,10 +343,11 @@ def collect(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cfg=None, 
                                      max_tokens=max_tokens, seed=sample_seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _, stats = rejection_sample(
-        generate_fn, records, dict(thresholds or DEFAULT_THRESHOLDS), k, max_per_prompt=max_per_prompt,
-        dedupe=dedupe, keep_truncated=keep_truncated, batch_prompts=batch_prompts,
-        timeout_s=cfg.grpo.reward_timeout_s if timeout_s is None else timeout_s, out_path=out)
+    with sandbox_for(cfg) as sandbox:
+        _, stats = rejection_sample(
+            generate_fn, records, dict(thresholds or DEFAULT_THRESHOLDS), k, max_per_prompt=max_per_prompt,
+            dedupe=dedupe, keep_truncated=keep_truncated, batch_prompts=batch_prompts,
+            timeout_s=cfg.grpo.reward_timeout_s if timeout_s is None else timeout_s, out_path=out, sandbox=sandbox)
     return stats
 
 

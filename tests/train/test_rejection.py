@@ -184,6 +184,24 @@ def test_none_and_failing_rewards(prompts):
         rejection.rejection_sample(scripted_generate([]), good, {"nonsense": 1.0}, k=K)
 
 
+def test_rewards_run_in_the_sandbox_and_a_crash_rejects_only_its_batch(prompts):
+    """With a sandbox, the reward runs in a worker process (its pid is not ours) and a segfault
+    there rejects the batch instead of killing the caller."""
+    import os
+
+    from r1jax.train.reward_sandbox import RewardSandbox
+    from tests.train import reward_fixtures as fx
+
+    good = indexed(prompts[:2])
+    with RewardSandbox(workers=1, memory_mb=1024) as sandbox:
+        kept, _ = rejection.rejection_sample(scripted_generate([]), good, {"pid": (fx.worker_pid, 0.0)}, k=K,
+                                             sandbox=sandbox)
+        assert kept and all(r["rewards"]["pid"] != float(os.getpid()) for r in kept)
+        kept, stats = rejection.rejection_sample(scripted_generate([]), good, {"accuracy": 1.0, "crash": (fx.segfault, 0.0)},
+                                                 k=K, sandbox=sandbox, timeout_s=20)
+        assert kept == [] and stats["failed_rewards"] == ["crash"]
+
+
 def test_cli_arguments():
     args = rejection.parse(["cfg.yaml", "checkpoint=runs/x", "out=o.jsonl", "k=4", "min.format=0.5",
                             "min.my.pkg:fn=0.25", "seq_len=64", "data.max_difficulty=2", "dedupe=false"])
