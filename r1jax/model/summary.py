@@ -16,6 +16,7 @@ from flax import nnx
 
 from r1jax.config import ModelConfig, load_model, parse_options
 from r1jax.model.decoder import Decoder
+from r1jax.model.layers import causal_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +76,26 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     return n
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3x forward): 6 · active matmul
-    parameters (`matmul_params_per_token`), plus causal attention scores (q·k and p·v, half the
-    square on average)."""
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, computed: bool = False) -> float:
+    """Forward FLOPs of the scores q·k and the mix p·v per token over all layers (MTP's too):
+    2·H·(K + V)·S per layer, S the keys a query sees on average. Model FLOPs (`computed=False`)
+    count causal attention, S = T/2 (as MaxText and nanoGPT-style MFU do); `computed=True` counts
+    what `causal_attend` runs: query block i of n sees (i+1)/n of the keys, S = T(n+1)/2n."""
     if cfg.is_mla:
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
     else:
         qk = v = cfg.gqa_head_dim
+    n = causal_blocks(seq_len)
+    keys = seq_len * (n + 1) / (2 * n) if computed else seq_len / 2
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    attn = 2 * cfg.num_attention_heads * (qk + v) * seq_len / 2 * layers
-    return 3.0 * (2.0 * matmul_params_per_token(cfg) + attn)
+    return 2.0 * cfg.num_attention_heads * (qk + v) * keys * layers
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward): 6 · active matmul
+    parameters (`matmul_params_per_token`), plus causal attention scores
+    (`attention_flops_per_token`: q·k and p·v, half the square on average)."""
+    return 3.0 * (2.0 * matmul_params_per_token(cfg) + attention_flops_per_token(cfg, seq_len))
 
 
 def summary(cfg: ModelConfig) -> str:

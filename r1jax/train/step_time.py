@@ -40,8 +40,7 @@ import re
 from dataclasses import dataclass, field
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import causal_blocks
-from r1jax.model.summary import matmul_params_per_token
+from r1jax.model.summary import attention_flops_per_token, matmul_params_per_token
 from r1jax.parallel.chips import Chip
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -399,21 +398,6 @@ def hlo_costs(text: str) -> HloCosts:
 
 
 # ----------------------------------------------------------------------------- analytic count
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, computed: bool = False) -> float:
-    """Forward FLOPs of the scores q·k and the mix p·v per token over all layers (MTP's too):
-    2·H·(K + V)·S per layer, S the keys a query sees on average. Model FLOPs (`computed=False`)
-    count causal attention, S = T/2 (as MaxText and nanoGPT-style MFU do); `computed=True` counts
-    what `causal_attend` runs: query block i of n sees (i+1)/n of the keys, S = T(n+1)/2n."""
-    if cfg.is_mla:
-        qk, v = cfg.qk_head_dim, cfg.v_head_dim
-    else:
-        qk = v = cfg.gqa_head_dim
-    n = causal_blocks(seq_len)
-    keys = seq_len * (n + 1) / (2 * n) if computed else seq_len / 2
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    return 2.0 * cfg.num_attention_heads * (qk + v) * keys * layers
 
 
 def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, computed: bool = False) -> float:
