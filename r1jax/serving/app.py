@@ -276,8 +276,8 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
     async def run(prompts: list[list[int]], n: int, sampling: SamplingParams, stops: Sequence[str], ticket: Ticket,
                   gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[int, str, ChoiceText]]:
         """(choice index, new text, its ChoiceText) as tokens arrive; choice p * n + j is sample
-        j of prompt p. Unfinished requests are aborted when the consumer stops early; the ticket
-        is released when this ends."""
+        j of prompt p. Unfinished requests are aborted when the consumer stops early. The ticket
+        (its admission time marks the first token's latency) is released by the caller."""
         uid = uuid.uuid4().hex
         out: asyncio.Queue = asyncio.Queue()
         subs = [((uid, i * n + j), prompt, sampling, j) for i, prompt in enumerate(prompts) for j in range(n)]
@@ -316,7 +316,6 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Tokenizer, *, model_nam
         finally:
             for rid in pending:
                 worker.abort(rid)
-            ticket.release()
 
     def usage(prompts, texts: Sequence[ChoiceText]) -> p.Usage:
         prompt_tokens = sum(len(x) for x in prompts)
