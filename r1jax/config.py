@@ -119,6 +119,10 @@ class ModelConfig:
     # growing with depth. Keep 1 for deep models. The sampling engine's layer scans use it too:
     # on XLA:CPU a tiny model decodes faster at batch 1 straight-line.
     scan_unroll: int = 1
+    # Training/prefill attention kernel (`r1jax.model.attention_kernels`). "auto": Pallas splash
+    # attention on TPU, cuDNN flash attention (`jax.nn.dot_product_attention`) on GPU, the
+    # block-causal XLA path elsewhere.
+    attention_impl: Literal["auto", "xla", "splash", "cudnn"] = "auto"
 
     @property
     def is_mla(self) -> bool:
@@ -262,6 +266,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
+    # Storage of AdamW's first and second moments. bfloat16 halves the optimizer state; the
+    # master weights' dtype is `model.param_dtype` (bfloat16 there: bf16 master weights).
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         _require(self.learning_rate > 0, "learning_rate", "must be positive")
@@ -280,6 +287,9 @@ class ParallelConfig:
 
     expert_dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert relative to an even split
+    # Grouped matmul of the routed experts. "auto": megablox on TPU, `ragged_dot` on GPU, the
+    # blocked CPU path on CPU.
+    expert_kernel: Literal["auto", "ragged_dot", "megablox"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
