@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import RotaryEmbedding, cache_mask, causal_attend, dtypes, normal, param, zeros
+from r1jax.model.attention_kernels import attention_fn
+from r1jax.model.layers import RotaryEmbedding, cache_mask, dtypes, normal, param, zeros
 from r1jax.parallel.rules import constrain
 
 
@@ -37,6 +38,7 @@ class GQA(nnx.Module):
             self.bo = param(rngs, zeros, (d,), ("embed",), pdt)
         self.rope = RotaryEmbedding(cfg, k, interleave=cfg.rope_interleave)
         self.scale = k**-0.5
+        self.attention_impl = cfg.attention_impl
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B,T,D] -> roped keys and values [B,T,G,K]: what decode caches."""
@@ -63,7 +65,7 @@ class GQA(nnx.Module):
         k, v = self.project_kv(x, positions)
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)  # head h uses kv head h // groups
-        return self.output(causal_attend(q, k, v, segment_ids, self.scale))
+        return self.output(attention_fn(self.attention_impl)(q, k, v, segment_ids, self.scale))
 
     # ------------------------------------------------------------------ cached form
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.model.layers import (RMSNorm, RotaryEmbedding, attend, cache_mask, causal_attend, dtypes, normal, param,
+from r1jax.model.attention_kernels import attention_fn
+from r1jax.model.layers import (RMSNorm, RotaryEmbedding, attend, cache_mask, dtypes, normal, param,
                                 softmax_scale)
 from r1jax.parallel.rules import constrain
 
@@ -54,6 +55,7 @@ class MLA(nnx.Module):
         self.wo = param(rngs, init, (h, v, d), ("heads", "head_dim", "embed"), pdt)
         self.rope = RotaryEmbedding(cfg, r, interleave=cfg.rope_interleave)
         self.scale = softmax_scale(cfg, n + r)
+        self.attention_impl = cfg.attention_impl
 
     def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B,T,D] -> (q_nope [B,T,H,N], q_rope [B,T,H,R] with RoPE applied)."""
@@ -93,7 +95,7 @@ class MLA(nnx.Module):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = constrain(k, ("batch", "length", "heads", "head_dim"))
         v = constrain(v, ("batch", "length", "heads", "head_dim"))
-        out = causal_attend(q, k, v, segment_ids, self.scale)
+        out = attention_fn(self.attention_impl)(q, k, v, segment_ids, self.scale)
         return jnp.einsum("BTHV,HVD->BTD", out, self.wo[...].astype(dt))
 
     # ------------------------------------------------------------------ cached form

@@ -74,6 +74,12 @@ def use_rules(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes]):
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[jax.sharding.Mesh, dict[str, MeshAxes]] | None:
+    """The (mesh, rules) of the enclosing `use_rules`, or None: for kernels that must run per
+    device in a `shard_map` (a Pallas call cannot be split by the SPMD partitioner)."""
+    return _ACTIVE.get()
+
+
 def to_pspec(names: Sequence[str | None], rules: dict[str, MeshAxes], mesh_axes: Sequence[str] = ()) -> PartitionSpec:
     """Logical names -> PartitionSpec. A mesh axis is used at most once (first name wins) and
     axes of size 1 or absent from the mesh are dropped."""
