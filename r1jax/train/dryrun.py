@@ -14,6 +14,13 @@ FLOPs, HBM bytes and collective bytes per device from the compiled HLO. `droples
 dispatch has no XLA:CPU lowering, so the dry run compiles its stand-in, `capacity` at the
 config's capacity factor: expert FLOPs and buffers then carry that padding.
 
+Kernels: a dry run models a pod, so `model.attention_impl: auto` compiles the flash-style
+kernel, not the CPU's block-causal path: Pallas splash attention, lowered by XLA:CPU in
+interpret mode (the TPU kernel's own program: blocks, online softmax, only the output and
+log-sum-exp kept for the backward pass). It stands in for cuDNN's flash attention on GPU chips
+too (the same memory profile; cuDNN has no CPU lowering). `model.attention_impl=xla` compiles
+the block-causal path, which materialises the logits. The first lines printed name the kernels.
+
 `devices=N` (default: the mesh product, else 8) must come before JAX starts, so this module reads
 it from argv and sets XLA_FLAGS before importing JAX. The XLA partitioner's warnings are captured
 from the compile log: "Involuntary full rematerialization" means a tensor was replicated and
@@ -264,6 +271,22 @@ def ranking_table(ranked) -> str:
     return "\n".join(rows)
 
 
+def dry_run_kernels(cfg):
+    """(cfg with the kernels the dry run compiles, a line naming them and what they stand in for)."""
+    attention = "splash" if cfg.model.attention_impl == "auto" else cfg.model.attention_impl
+    if attention == "cudnn":  # no CPU lowering; same memory profile
+        attention = "splash"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl=attention))
+    what = {"splash": "Pallas splash attention in interpret mode (TPU kernel; stands in for cuDNN flash on GPU)",
+            "xla": "block-causal XLA attention (logits materialised per query block)"}[attention]
+    line = f"attention {what}"
+    if cfg.model.is_moe:
+        dispatch = cfg.parallel.expert_dispatch
+        line += (f"; routed experts: {dispatch} dispatch, batched einsums" if dispatch == "capacity" else
+                 f"; routed experts: {dispatch} dispatch, grouped matmul {cfg.parallel.expert_kernel}")
+    return cfg, line
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -282,6 +305,8 @@ def main(argv: list[str]) -> int:
         print(f"dispatch: dropless has no XLA:CPU lowering; compiling its stand-in, capacity at factor "
               f"{cfg.parallel.capacity_factor} (expert FLOPs and buffers carry that padding)")
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, expert_dispatch="capacity"))
+    cfg, kernels = dry_run_kernels(cfg)
+    print("kernels:", kernels)
     if devices is None:
         sizes = (cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model)
         devices = abs(sizes[0] * sizes[1] * sizes[2]) if -1 not in sizes else 8

@@ -25,6 +25,11 @@ What is counted, per device, per step:
               XLA:CPU has no bf16 collectives: it converts bf16 operands to f32 around them.
               A leaf the walk sees converted from (or straight back to) bf16 counts at bf16,
               as a TPU or GPU would move it; others it cannot trace stay at f32 (an upper estimate).
+  kernels     a Pallas kernel compiled in interpret mode (splash attention in the dry run) is a
+              while loop over its grid whose body copies whole buffers in and out of simulated
+              on-chip memory: its matmul FLOPs are counted as above, but its HBM bytes as one
+              op's, every buffer it carries read or written once (`HloCosts.kernels` counts
+              them). A lower estimate: the real kernel streams K and V once per query block.
 
 The model (`predict`): a roofline. t_lower = max(flops / peak, hbm_bytes / hbm_bw, collective /
 egress_bw), every unit busy all the time and perfectly overlapped; t_serial = their sum, nothing
@@ -43,6 +48,8 @@ from r1jax.config import ModelConfig
 from r1jax.model.summary import attention_flops_per_token, matmul_params_per_token
 from r1jax.parallel.chips import Chip
 
+# The grid loop of a Pallas kernel lowered in interpret mode, known by its op name.
+_KERNEL_LOOP = re.compile(r'op_name="[^"]*/(splash_mha_\w+|pallas_call)[/"]')
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # Ops that move no HBM bytes of their own (aliases, tuples, control flow counted through its body).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
@@ -188,6 +195,7 @@ class HloCosts:
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COLLECTIVES})  # ops executed
     loops: list[int] = field(default_factory=list)  # trip counts of the while loops met
     unknown_loops: int = 0  # while loops without a known trip count (counted once)
+    kernels: int = 0  # interpret-mode Pallas kernel runs (their grid loops), bytes counted as one op
 
     @property
     def collective_bytes(self) -> float:
@@ -328,6 +336,12 @@ class _Walker:
                 n = int(trip.group(1)) if trip else 1
                 c.loops.append(n)
                 c.unknown_loops += trip is None
+                if _KERNEL_LOOP.search(ins.attrs):
+                    hbm = c.hbm_bytes
+                    self.walk(_called(ins.attrs, "body"), mult * n)
+                    c.hbm_bytes = hbm + mult * _nbytes(ins.type)
+                    c.kernels += int(mult)
+                    continue
                 self.walk(_called(ins.attrs, "body"), mult * n)
             elif op == "call":
                 self.walk(_called(ins.attrs, "to_apply"), mult)
