@@ -22,6 +22,7 @@ MLA's absorbed form) and do not go through here.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import jax
@@ -46,7 +47,24 @@ def resolve_attention_impl(name: str) -> str:
 
 def attention_fn(name: str) -> AttentionFn:
     impl = resolve_attention_impl(name)
+    if name == "auto" and impl == "cudnn":
+        return _cudnn_or_xla
     return {"xla": causal_attend, "splash": splash_attend, "cudnn": cudnn_attend}[impl]
+
+
+def _cudnn_or_xla(q, k, v, segment_ids, scale):
+    """`auto` on GPU: cuDNN where it takes the shapes (head dim <= 128 before Hopper, <= 256
+    from it), else the XLA path, said once. An explicit "cudnn" raises instead."""
+    try:
+        return cudnn_attend(q, k, v, segment_ids, scale)
+    except NotImplementedError as e:
+        if not _warned:
+            logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using the XLA path", e)
+            _warned.append(True)
+        return causal_attend(q, k, v, segment_ids, scale)
+
+
+_warned: list[bool] = []
 
 
 # ----------------------------------------------------------------------------- splash

@@ -92,3 +92,18 @@ def test_auto_picks_by_backend():
     assert resolve_attention_impl("splash") == "splash"
     assert attention_fn("auto") is causal_attend
     assert kernel_table("auto") == {"attention": "xla"}
+
+
+def test_auto_on_gpu_falls_back_when_cudnn_refuses_the_shapes(monkeypatch):
+    from r1jax.model import attention_kernels
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("The head dim must be <= 128")
+
+    monkeypatch.setattr(attention_kernels, "backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+    q, k, v, seg = _inputs(2)
+    out = attention_fn("auto")(q, k, v, jnp.asarray(seg), SCALE)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, seg), atol=2e-6, rtol=1e-5)
+    with pytest.raises(NotImplementedError):
+        attention_fn("cudnn")(q, k, v, jnp.asarray(seg), SCALE)
