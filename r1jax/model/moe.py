@@ -9,12 +9,15 @@ Routing (spec §3), `route`:
       weights w = s[chosen] (/ Σ if norm_topk_prob) · routed_scaling_factor.
   V2: s = softmax(x W_g); greedy top-K (or group-limited by group max); no bias.
 Expert compute is dropless (`dropless_experts`): each expert's tokens contiguous, one grouped matmul
-(`ragged_dot`) on TPU/GPU; on CPU the speed paths of `r1jax.model.cpu_experts`.
+per projection (`r1jax.model.grouped_matmul`: megablox on TPU, `ragged_dot` on GPU); on CPU the
+speed paths of `r1jax.model.cpu_experts`.
 
-Which kernel a MoE layer runs is a static attribute, `MoE.expert_fn` (default `dropless_experts`),
-set with `set_expert_fn` on a model before it is split for a compiled function, so the graphdef
-carries it: expert parallelism's dispatch (`r1jax.parallel.expert.make_expert_fn`) for a mesh,
-`cpu_experts.small_batch_experts` (and `MoE.dense_decode`) for the single-device CPU decode.
+How a MoE layer runs its experts is static, set with `set_expert_fn` on a model before it is split
+for a compiled function, so the graphdef carries it: `MoE.expert_fn` (default `dropless_experts`),
+expert parallelism's dispatch (`r1jax.parallel.expert.make_expert_fn`) for a mesh,
+`cpu_experts.small_batch_experts` (and `MoE.dense_decode`) for the single-device CPU decode; and
+`MoE.expert_kernel`, the grouped-matmul kernel (`parallel.expert_kernel`, a string), which the
+layer passes to its expert fn on every call.
 
 FP8 experts (`ModelConfig.expert_dtype: float8_e4m3fn`, sampling only): w_gate / w_up / w_down
 are `FP8Weight`s in r1jax's [in, out] orientation (each expert's HF weight [out, in] transposed),
@@ -36,8 +39,8 @@ from flax import nnx
 from r1jax.config import ModelConfig
 from r1jax.model import fp8
 from r1jax.model.cpu_experts import blocked_experts, dense_moe, dense_moe_weights
+from r1jax.model.grouped_matmul import KERNELS, grouped_swiglu, resolve_expert_kernel
 from r1jax.model.layers import MLP, dtypes, normal, param, zeros
-from r1jax.parallel.backend import on_cpu
 from r1jax.parallel.rules import constrain
 
 
@@ -115,43 +118,45 @@ def routing_bias_update(bias: jax.Array, loads: jax.Array, gamma: float) -> jax.
     return bias + gamma * jnp.sign(loads.mean(-1, keepdims=True) - loads)
 
 
-def dropless_experts(x, routing: Routing, w_gate, w_up, w_down) -> tuple[jax.Array, dict]:
+def dropless_experts(x, routing: Routing, w_gate, w_up, w_down, *, kernel: str = "auto") -> tuple[jax.Array, dict]:
     """x [N, D] through the chosen experts, nothing dropped. w_gate/w_up [E, D, F], w_down [E, F, D].
 
     Each expert's (token, expert) pairs are made contiguous and run as one grouped matmul per
-    projection: on TPU/GPU sorted by expert into `ragged_dot` (grouped-matmul kernels); on CPU,
-    where XLA's ragged_dot is a slow generic loop, scattered into blocks padded to whole tiles
+    projection: sorted by expert into `grouped_swiglu` with `kernel` (`resolve_expert_kernel`:
+    "auto" is megablox on TPU, ragged_dot on GPU); or, kernel "blocked" (CPU's "auto", where XLA's
+    ragged_dot is a slow generic loop), scattered into blocks padded to whole tiles
     (`cpu_experts.blocked_experts`).
     """
-    if on_cpu():
+    kernel = resolve_expert_kernel(kernel)
+    if kernel == "blocked":
         return blocked_experts(x, routing, w_gate, w_up, w_down), {}
     n, k = routing.experts.shape
     flat = routing.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    ys = _ragged_swiglu(x[order // k], flat[order], w_gate, w_up, w_down)  # [N*K, D] in expert order
+    sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
+    ys = grouped_swiglu(x[order // k], sizes, w_gate, w_up, w_down, kernel)  # [N*K, D] in expert order
     y = ys[jnp.argsort(order)].reshape(n, k, -1)
     return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype)), {}
-
-
-def _ragged_swiglu(xs, sorted_experts, w_gate, w_up, w_down):
-    """xs [M, D] sorted by expert -> [M, D] with one `ragged_dot` per projection."""
-    sizes = jnp.bincount(sorted_experts, length=w_gate.shape[0]).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    return jax.lax.ragged_dot(h, w_down, sizes)
 
 
 ExpertFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def set_expert_fn(model: nnx.Module, fn: ExpertFn, *, dense_decode: bool = False) -> nnx.Module:
+def set_expert_fn(model: nnx.Module, fn: ExpertFn, *, dense_decode: bool = False,
+                  kernel: str | None = None) -> nnx.Module:
     """Every MoE layer of `model` (the scanned stacks' and the MTP blocks' too) runs its routed
-    experts with `fn` (same signature as `dropless_experts`); dense_decode: `MoE.decode` may run
-    tiny experts as `dense_moe` (the single-device CPU decode). Static attributes: call it before
-    `nnx.split` (or on the model merged inside the compiled function) and the graphdef carries
-    the choice, fixed per compiled function. Returns `model`."""
+    experts with `fn` (same signature as `dropless_experts`, `kernel` keyword included);
+    dense_decode: `MoE.decode` may run tiny experts as `dense_moe` (the single-device CPU decode);
+    kernel: `MoE.expert_kernel`, the grouped-matmul kernel passed to `fn` (`parallel.expert_kernel`;
+    None: each layer keeps its own). Static attributes: call it before `nnx.split` (or on the model
+    merged inside the compiled function) and the graphdef carries the choice, fixed per compiled
+    function. Returns `model`."""
+    if kernel not in (None, "auto", *KERNELS):  # fail here, not at trace time
+        raise ValueError(f"expert kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
     for _, m in nnx.iter_modules(model):
         if isinstance(m, MoE):
             m.expert_fn, m.dense_decode = fn, dense_decode
+            m.expert_kernel = m.expert_kernel if kernel is None else kernel
     return model
 
 
@@ -161,6 +166,7 @@ class MoE(nnx.Module):
         self.dtype, pdt = dtypes(cfg)
         self.expert_fn: ExpertFn = dropless_experts  # static: `set_expert_fn`
         self.dense_decode = False  # static: `set_expert_fn`
+        self.expert_kernel = "auto"  # static: `set_expert_fn`
         init = normal(cfg.initializer_range)
         d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         self.gate = param(rngs, init, (d, e), ("embed", None), jnp.float32)
@@ -242,7 +248,7 @@ class MoE(nnx.Module):
         routing = self.routing(flat)
         if flat_mask is not None:
             routing = routing._replace(mask=flat_mask)
-        y, metrics = self.expert_fn(flat, routing, *self.expert_weights(dt))
+        y, metrics = self.expert_fn(flat, routing, *self.expert_weights(dt), kernel=self.expert_kernel)
         y = constrain(y.reshape(b, t, d), ("batch", "length", "embed"))
         if self.cfg.n_shared_experts:
             y = y + self.shared(x)

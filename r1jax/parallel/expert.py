@@ -1,8 +1,9 @@
 """Expert parallelism: routed tokens travel to the device that owns their expert and back.
 
 `make_expert_fn(mesh, rules, mode=...)` returns a drop-in for `r1jax.model.moe.dropless_experts`
-(plug it in with `r1jax.model.moe.set_expert_fn`). It is called on global arrays and runs one
-`jax.shard_map` over the whole mesh, with every spec read from the rules table:
+(plug it in with `r1jax.model.moe.set_expert_fn`; the layer passes it its `kernel`). It is called
+on global arrays and runs one `jax.shard_map` over the whole mesh, with every spec read from the
+rules table:
   tokens N   split over the `batch` axes (data, expert);
   experts E  split over the `experts` axis (expert): each device holds E_l = E / ep experts;
   hidden F   split over the `mlp` axis (model): outputs are partial sums, `psum`med over model;
@@ -19,16 +20,19 @@ Modes:
             Buffers [E, C, D] go to the owners with `all_to_all`, the owners run their experts
             as batched einsums, and `all_to_all` brings the rows back. Static shapes everywhere.
   dropless  pairs sorted by expert travel with `ragged_all_to_all` (sizes exchanged first with
-            `all_to_all`), owners run `ragged_dot`, and the reverse path brings them back.
+            `all_to_all`), owners run one grouped matmul per projection (`grouped_swiglu`: the
+            `kernel`, with CPU's "blocked" as ragged_dot), and the reverse path brings them back.
             XLA:CPU has no ragged all-to-all, so on CPU this falls back to capacity mode with
             C = N (a token picks an expert at most once, so nothing can drop), warning once.
-With an expert axis of size 1 no tokens move: both modes run `dropless_experts` locally.
+With an expert axis of size 1 no tokens move: both modes run `dropless_experts` locally (with the
+`kernel`). Capacity mode's batched einsums need no grouped matmul and ignore it.
 
 Metric (every mode): `dropped_fraction`, dropped real pairs / real pairs over the global batch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from r1jax.model.grouped_matmul import grouped_swiglu, resolve_expert_kernel
 from r1jax.model.moe import ExpertFn, Routing, dropless_experts
 from r1jax.parallel.backend import backend, on_cpu
 from r1jax.parallel.rules import MeshAxes, to_pspec
@@ -105,13 +110,16 @@ def _capacity_experts(x, experts, weights, real, w_gate, w_up, w_down, *, capaci
     return y, jnp.sum(~keep & ~padding)
 
 
-def _ragged_experts(x, experts, weights, w_gate, w_up, w_down, *, axis, ep: int) -> jax.Array:
+def _ragged_experts(x, experts, weights, w_gate, w_up, w_down, *, axis, ep: int, kernel: str) -> jax.Array:
     """Dropless: pairs sorted by expert go to their owners with `ragged_all_to_all`.
 
     Sizes and offsets are [E] vectors, one slice per (owner, local expert), so an owner's
-    receive buffer comes out grouped by local expert (then by source) and `ragged_dot` runs on it
-    as is. The buffer holds the worst case, S * N * min(K, E_l) rows.
+    receive buffer comes out grouped by local expert (then by source) and the grouped matmul
+    (`kernel`) runs on it as is; rows past the received ones belong to no expert and stay zero.
+    The buffer holds the worst case, S * N * min(K, E_l) rows.
     """
+    kernel = resolve_expert_kernel(kernel)
+    kernel = "ragged_dot" if kernel == "blocked" else kernel  # blocked needs the routing, not a buffer
     n, k = experts.shape
     d, n_local_experts = x.shape[-1], w_gate.shape[0]
     flat = experts.reshape(-1)
@@ -132,8 +140,7 @@ def _ragged_experts(x, experts, weights, w_gate, w_up, w_down, *, axis, ep: int)
             xs, jnp.zeros_like(xs, shape=(rows, d)), input_offsets, send_sizes, output_offsets, recv_sizes,
             axis_name=axis,
         )
-        h = jax.nn.silu(jax.lax.ragged_dot(buf, w_gate, group_sizes)) * jax.lax.ragged_dot(buf, w_up, group_sizes)
-        out = jax.lax.ragged_dot(h, w_down, group_sizes)  # [rows, D] partial over F
+        out = grouped_swiglu(buf, group_sizes, w_gate, w_up, w_down, kernel)  # [rows, D] partial over F
         # Reverse path: each slice goes back to where its source had it.
         ys = _ragged_all_to_all(
             out, jnp.zeros_like(xs), recv_offsets, recv_sizes, a2a(input_offsets), send_sizes, axis_name=axis
@@ -167,17 +174,18 @@ def make_expert_fn(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes], *, mode:
                         "capacity = local tokens (nothing drops, E/K x the buffer)", backend())
         _warned_cpu_fallback = True
 
-    def local(x, expert_ids, weights, real, w_gate, w_up, w_down):
+    def local(x, expert_ids, weights, real, w_gate, w_up, w_down, *, kernel):
         if fsdp_up:  # fsdp: the weights' D is split over data; gather it for this layer only
             w_gate, w_up = (jax.lax.all_gather(w, fsdp_up, axis=1, tiled=True) for w in (w_gate, w_up))
         if fsdp_down:
             w_down = jax.lax.all_gather(w_down, fsdp_down, axis=2, tiled=True)
         n, k = expert_ids.shape
         if ep == 1:
-            y, _ = dropless_experts(x, Routing(weights, expert_ids, None), w_gate, w_up, w_down)
+            y, _ = dropless_experts(x, Routing(weights, expert_ids, None), w_gate, w_up, w_down, kernel=kernel)
             dropped = None
         elif use_ragged:
-            y, dropped = _ragged_experts(x, expert_ids, weights, w_gate, w_up, w_down, axis=axis, ep=ep), None
+            y = _ragged_experts(x, expert_ids, weights, w_gate, w_up, w_down, axis=axis, ep=ep, kernel=kernel)
+            dropped = None
         else:
             e = ep * w_gate.shape[0]
             c = (expert_capacity(n, k, e, capacity_factor) if mode == "capacity" else dropless_fallback_capacity(n))
@@ -192,13 +200,15 @@ def make_expert_fn(mesh: jax.sharding.Mesh, rules: dict[str, MeshAxes], *, mode:
         real_pairs = jax.lax.psum(jnp.sum(real) * k, batch_axes)
         return y, jax.lax.psum(dropped, batch_axes).astype(jnp.float32) / jnp.maximum(real_pairs, 1)
 
-    mapped = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(tok_spec, tok_spec, tok_spec, P(tok_spec[0]), up_spec, up_spec, down_spec),
-        out_specs=(tok_spec, P()),
-    )
-
-    def expert_fn(x, routing: Routing, w_gate, w_up, w_down) -> tuple[jax.Array, dict]:
+    def expert_fn(x, routing: Routing, w_gate, w_up, w_down, *, kernel: str = "auto") -> tuple[jax.Array, dict]:
+        mapped = jax.shard_map(
+            functools.partial(local, kernel=kernel), mesh=mesh,
+            in_specs=(tok_spec, tok_spec, tok_spec, P(tok_spec[0]), up_spec, up_spec, down_spec),
+            out_specs=(tok_spec, P()),
+            # megablox's pallas_call declares its output with no `manual_axis_type`, which
+            # check_vma refuses (JAX 0.10.2); unchecked, the transpose psums what it must.
+            check_vma=resolve_expert_kernel(kernel) != "megablox",
+        )
         real = jnp.ones(x.shape[:1], bool) if routing.mask is None else routing.mask
         y, dropped_fraction = mapped(x, routing.experts, routing.weights, real, w_gate, w_up, w_down)
         return y, {"dropped_fraction": dropped_fraction}

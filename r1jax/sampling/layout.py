@@ -8,6 +8,8 @@ scanned step would copy every layer's weights first. Each layer also carries its
 with the shared one, as one dense matrix pair), and the stacks run one layer after another
 instead of scanning (`r1jax.sampling.forward`). Its decode runs the routed experts of its few
 tokens with `cpu_experts.small_batch_experts` and tiny ones as `dense_moe` (`Placement.model`).
+The grouped-matmul kernel (`parallel.expert_kernel`) is the graphdef's unless
+`Placement.expert_kernel` names one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from r1jax.parallel.rules import MeshAxes
 from r1jax.sampling.cache import Cache, cache_shardings
 
 STACKS = ("dense_layers", "moe_layers")  # the decoder's scanned stacks, in forward order
+
+
+def _small_batch_experts(x, routing, w_gate, w_up, w_down, *, kernel: str = "auto"):
+    """`small_batch_experts` as an `ExpertFn`: a few tokens' decode on one CPU device runs the
+    CPU paths, whatever the grouped-matmul kernel."""
+    del kernel
+    return small_batch_experts(x, routing, w_gate, w_up, w_down)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,7 @@ class Placement:
     mesh: Mesh | None = None
     rules: tuple[tuple[str, MeshAxes], ...] = ()
     capacity_factor: float | None = None
+    expert_kernel: str | None = None  # `parallel.expert_kernel`; None: the graphdef's MoE layers' own
 
     @contextlib.contextmanager
     def active(self):
@@ -113,14 +123,15 @@ class Placement:
             mode = "dropless" if self.capacity_factor is None else "capacity"
             return make_expert_fn(self.mesh, dict(self.rules), mode=mode, capacity_factor=self.capacity_factor), False
         if decode and on_cpu():
-            return small_batch_experts, True
+            return _small_batch_experts, True
         return dropless_experts, False
 
     def model(self, graphdef, params, extra, *, decode: bool = False) -> Decoder:
         """The decoder, merged inside a compiled function, with its MoE layers set to
-        `expert_fn(decode)` (whatever kernel the graphdef came with, e.g. a train step's)."""
+        `expert_fn(decode)` (whatever expert fn the graphdef came with, e.g. a train step's) and
+        to `expert_kernel` (if None, the graphdef's kernel stays)."""
         fn, dense = self.expert_fn(decode)
-        return set_expert_fn(nnx.merge(graphdef, params, extra), fn, dense_decode=dense)
+        return set_expert_fn(nnx.merge(graphdef, params, extra), fn, dense_decode=dense, kernel=self.expert_kernel)
 
     def constrain_cache(self, cache: Cache, cfg: ModelConfig) -> Cache:
         """Keeps the cache in its own layout from step to step (no resharding, no recompiles)."""

@@ -65,7 +65,6 @@ from r1jax.data import pipeline
 from r1jax.data.sources import read_chat
 from r1jax.data.tokenizer import Tokenizer, chat_text, find_tokenizer, save_tokenizer
 from r1jax.model.decoder import abstract_decoder
-from r1jax.model.moe import set_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.parallel.sharding import batch_shardings, shardings
@@ -85,7 +84,7 @@ from r1jax.train.rejection import (
     rejection_sample,
     sandbox_for,
 )
-from r1jax.train.step import BATCH_KEYS, TrainStep, forward
+from r1jax.train.step import BATCH_KEYS, TrainStep, forward, with_experts
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +114,16 @@ class Teacher:
         return cls(str(path), teacher_cfg, tokenizer)
 
     def weights(self, mesh=None, rules=None, parallel=None) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-        """(graphdef, params, extra), restored straight into `mesh`'s shardings when given (the
-        graphdef then runs its MoE layers expert-parallel, as `TrainStep`'s does)."""
+        """(graphdef, params, extra), restored straight into `mesh`'s shardings when given. With
+        `parallel` (the student run's), the graphdef runs its MoE layers as `TrainStep`'s does:
+        `parallel.expert_kernel`, expert-parallel over the mesh."""
         graphdef, params, extra = abstract_decoder(self.cfg.model)
         target = (params, extra)
         if mesh is not None:
-            from r1jax.parallel.expert import make_expert_fn
-
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
                                   shardings(target, mesh, rules))
-            expert_fn = make_expert_fn(mesh, rules, mode=parallel.expert_dispatch,
-                                       capacity_factor=parallel.capacity_factor)
-            graphdef = nnx.graphdef(set_expert_fn(nnx.merge(graphdef, params, extra), expert_fn))
+        if parallel is not None:
+            graphdef = with_experts(graphdef, params, extra, parallel, mesh, rules)
         params, extra = ckpt_lib.load_params(self.path, target)
         return graphdef, params, extra
 

@@ -5,8 +5,9 @@
     state, metrics = step(state, batch)             # donated state, one optimizer step
 
 Under a mesh the loss is traced inside `use_rules` (activation constraints), and the step's
-graphdef carries the expert-parallel dispatch as its MoE layers' `expert_fn` (`set_expert_fn`, set
-once when the step is built), so the model code itself never sees the mesh.
+graphdef carries the expert-parallel dispatch as its MoE layers' `expert_fn`, and
+`parallel.expert_kernel` as their `expert_kernel` (`with_experts`, set once when the step is
+built), so the model code itself never sees the mesh.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.config import Config, ConfigError
+from r1jax.config import Config, ConfigError, ParallelConfig
 from r1jax.model.decoder import ModelOutput
-from r1jax.model.moe import routing_bias_update, set_expert_fn
+from r1jax.model.moe import dropless_experts, routing_bias_update, set_expert_fn
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.train.losses import lm_loss
@@ -33,6 +34,19 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 def forward(graphdef, params, extra, batch: dict) -> ModelOutput:
     model = nnx.merge(graphdef, params, extra)
     return model(batch["inputs"], batch["positions"], batch["segment_ids"], mtp_inputs=batch["targets"])
+
+
+def with_experts(graphdef, params, extra, parallel: ParallelConfig, mesh: Mesh | None = None,
+                 rules: dict | None = None) -> nnx.GraphDef:
+    """`graphdef` (with abstract or real params / extra) with every MoE layer running
+    `parallel.expert_kernel`, expert-parallel over `mesh` (`parallel.expert_dispatch`) if given."""
+    fn = dropless_experts
+    if mesh is not None:
+        from r1jax.parallel.expert import make_expert_fn
+
+        fn = make_expert_fn(mesh, rules, mode=parallel.expert_dispatch, capacity_factor=parallel.capacity_factor)
+    model = nnx.merge(graphdef, params, extra)
+    return nnx.graphdef(set_expert_fn(model, fn, kernel=parallel.expert_kernel))
 
 
 def update_routing_biases(extra: nnx.State, loads, mtp_loads, gamma: float) -> nnx.State:
@@ -86,7 +100,8 @@ class TrainStep:
         self.abstract = abstract
         if mesh is not None:
             check_model_fits(mesh, cfg.model, cfg.batch_size)
-            self.graphdef = self._with_expert_parallel(self.graphdef, abstract)
+        self.graphdef = with_experts(self.graphdef, abstract.params, abstract.extra, cfg.parallel, mesh, self.rules)
+        if mesh is not None:
             self.state_shardings = shardings(abstract, mesh, self.rules)
             self.batch_shardings = batch_shardings(self.batch_keys, mesh, self.rules)
             replicated = NamedSharding(mesh, PartitionSpec())
@@ -110,17 +125,6 @@ class TrainStep:
             self._init = jax.jit(self._init_fn)
 
     # ------------------------------------------------------------------ traced functions
-
-    def _with_expert_parallel(self, graphdef, abstract: TrainState):
-        """`graphdef` with every MoE layer running the expert-parallel dispatch of this mesh."""
-        from r1jax.parallel.expert import make_expert_fn
-
-        expert_fn = make_expert_fn(
-            self.mesh, self.rules, mode=self.cfg.parallel.expert_dispatch,
-            capacity_factor=self.cfg.parallel.capacity_factor,
-        )
-        model = nnx.merge(graphdef, abstract.params, abstract.extra)
-        return nnx.graphdef(set_expert_fn(model, expert_fn))
 
     @contextlib.contextmanager
     def _placement(self):

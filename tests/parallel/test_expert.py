@@ -1,6 +1,8 @@
 """Expert parallelism (`r1jax.parallel.expert`) against single-device `dropless_experts` and a
 NumPy reference of the capacity rule, on 8 emulated CPU devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,11 +153,14 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return output
 
 
-def test_ragged_path_with_emulated_collective(monkeypatch):
-    """The dropless offsets/sizes bookkeeping, with the collective XLA:CPU lacks emulated."""
+@pytest.mark.parametrize("kernel", ["auto", "megablox"])
+def test_ragged_path_with_emulated_collective(monkeypatch, kernel):
+    """The dropless offsets/sizes bookkeeping, with the collective XLA:CPU lacks emulated; the
+    owners' grouped matmul by ragged_dot (CPU's "auto") or megablox (Pallas interpret mode), on a
+    receive buffer with rows past the received ones."""
     monkeypatch.setattr(expert, "_ragged_all_to_all", _emulated_ragged_all_to_all)
     monkeypatch.setattr(expert, "_ragged_supported", lambda: True)
-    fn = expert.make_expert_fn(_mesh((1, 4, 2)), rules_for(), mode="dropless")
+    fn = functools.partial(expert.make_expert_fn(_mesh((1, 4, 2)), rules_for(), mode="dropless"), kernel=kernel)
     y, metrics, grads = _value_and_grads(fn)(X, ROUTING, WS, CT)
     _assert_matches_reference(y, grads)
     assert float(metrics["dropped_fraction"]) == 0.0
