@@ -281,9 +281,11 @@ def dry_run_kernels(cfg):
             "xla": "block-causal XLA attention (logits materialised per query block)"}[attention]
     line = f"attention {what}"
     if cfg.model.is_moe:
-        dispatch = cfg.parallel.expert_dispatch
-        line += (f"; routed experts: {dispatch} dispatch, batched einsums" if dispatch == "capacity" else
-                 f"; routed experts: {dispatch} dispatch, grouped matmul {cfg.parallel.expert_kernel}")
+        from r1jax.model.grouped_matmul import resolve_expert_kernel
+
+        on_pod = {p: resolve_expert_kernel(cfg.parallel.expert_kernel, p) for p in ("tpu", "gpu")}
+        line += (f"; routed experts: {cfg.parallel.expert_dispatch} dispatch, batched einsums (dropless runs "
+                 f"grouped matmuls: {on_pod['tpu']} on TPU, {on_pod['gpu']} on GPU)")
     return cfg, line
 
 

@@ -140,3 +140,14 @@ def test_an_interpret_mode_kernel_counts_its_buffers_once():
     flash, xla = costs(splash_attend), costs(causal_attend)
     assert flash.kernels == 3 and xla.kernels == 0  # forward, dq, dkv
     assert flash.hbm_bytes < xla.hbm_bytes / 2, (flash.hbm_bytes, xla.hbm_bytes)
+
+
+def test_the_dry_run_compiles_and_names_the_pod_kernels():
+    from r1jax.train.dryrun import dry_run_kernels
+
+    cfg = config_lib.load("configs/deepseek-v3-671b-pod.yaml")
+    compiled, line = dry_run_kernels(cfg)
+    assert cfg.model.attention_impl == "auto" and compiled.model.attention_impl == "splash"
+    assert "splash" in line and "megablox on TPU" in line and "ragged_dot on GPU" in line
+    xla, line = dry_run_kernels(config_lib.load("configs/deepseek-v3-671b-pod.yaml", "model.attention_impl=xla"))
+    assert xla.model.attention_impl == "xla" and "block-causal" in line
