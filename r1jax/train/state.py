@@ -50,20 +50,46 @@ def _decay_mask(params: nnx.State) -> nnx.State:
         return name not in _BIASES and "norm" not in getattr(leaf, "axes", ())
 
     return jax.tree_util.tree_map_with_path(
-        lambda path, v: v.replace(decays(path[:-1], v)) if isinstance(v, nnx.Variable) else True,
+        lambda path, v: v.replace(decays(path, v)) if isinstance(v, nnx.Variable) else True,
         params,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
 
 
+def _moments_stored_as(dtype, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with every Adam moment (mu and nu) stored in `dtype`, its update math in float32:
+    gradients are upcast before `inner` sees them, the moments upcast as they combine with them
+    (promotion), and only the stored moments are rounded. optax's `mu_dtype` covers mu only, and
+    nu follows the params' dtype. The state's tree is `inner`'s, so checkpoint paths are unchanged."""
+    dtype = jnp.dtype(dtype)
+
+    def store(state):
+        def cast(s):
+            if isinstance(s, optax.ScaleByAdamState):
+                return s._replace(mu=optax.tree.cast(s.mu, dtype), nu=optax.tree.cast(s.nu, dtype))
+            return s
+
+        return jax.tree.map(cast, state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+
+    def init(params):
+        return store(inner.init(params))
+
+    def update(grads, state, params=None):
+        updates, state = inner.update(optax.tree.cast(grads, jnp.float32), state, params)
+        return updates, store(state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay, none on norms and biases) after global-norm clipping."""
+    """AdamW (decoupled weight decay, none on norms and biases) after global-norm clipping, in
+    float32, its moments stored as `cfg.moment_dtype`."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                     weight_decay=cfg.weight_decay, mask=_decay_mask)
     )
-    return optax.chain(*parts)
+    return _moments_stored_as(cfg.moment_dtype, optax.chain(*parts))
 
 
 def init_key(seed: int) -> jax.Array:
