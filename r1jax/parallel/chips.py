@@ -75,3 +75,20 @@ def get_chip(name: str) -> Chip:
     if key not in CHIPS:
         raise KeyError(f"unknown chip {name!r} (known: {', '.join(CHIPS)})")
     return CHIPS[key]
+
+
+# `jax.Device.device_kind` substrings -> rows, most specific first ("TPU v5 lite" is a v5e, "TPU v5"
+# a v5p). PCIe and NVL H100s have lower clocks than the SXM part of the h100 row: no match.
+_DEVICE_KINDS = (("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v5p", "v5p"), ("tpu v5", "v5p"),
+                 ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"), ("tpu7x", "ironwood"), ("ironwood", "ironwood"),
+                 ("h100 pcie", None), ("h100 nvl", None), ("h100", "h100"), ("h200", "h200"), ("b200", "b200"))
+
+
+def chip_for_device(device_kind: str) -> Chip | None:
+    """The row of a JAX device's `device_kind` ("TPU v5 lite", "NVIDIA H100 80GB HBM3"), or None
+    for a device not in the table (CPUs, older or other chips)."""
+    kind = device_kind.lower()
+    for needle, name in _DEVICE_KINDS:
+        if needle in kind:
+            return CHIPS[name] if name else None
+    return None
