@@ -189,7 +189,8 @@ def state_bytes_estimate(cfg, data: int, expert: int, model: int, fsdp: bool) ->
 
     m = cfg.model
     count = count_params(m)
-    per_param = 3 * (4 if m.param_dtype == "float32" else 2)  # weights + two moments
+    size = {"float32": 4, "bfloat16": 2}
+    per_param = size[m.param_dtype] + 2 * size[cfg.optim.moment_dtype]  # weights + two moments
     routed = (m.num_moe_layers + (m.num_nextn_predict_layers if m.is_moe else 0)) * m.n_routed_experts * 3 * \
         m.hidden_size * m.moe_intermediate_size
     rest = count.total + count.mtp - routed
