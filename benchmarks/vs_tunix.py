@@ -85,8 +85,9 @@ PARITY_ATOL = 1e-4
 GREEDY_TOKENS = 32
 SAMPLED = (0.6, 0.95)  # temperature, top-p
 GRPO_BETA, GRPO_EPSILON, GRPO_MU = 0.04, 0.2, 1
-# Untimed GRPO iterations first. Two: r1jax's second rollout still compiles (the engine's steps
-# retrace once for the updated state's arrays), so one warm-up would time a compile.
+# Untimed GRPO iterations first (compiles). Two, as Tunix's second iteration may still compile;
+# r1jax's second rollout no longer does (the engine's fresh cache is placed where its steps
+# leave it, `engine._home`).
 GRPO_WARMUP = 2
 GRPO_OPT = dict(learning_rate=1e-5, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 SFT_OPT = dict(learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)

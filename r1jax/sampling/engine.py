@@ -36,7 +36,7 @@ from typing import Callable, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.rules import MeshAxes
@@ -141,6 +141,8 @@ class Engine:
         self.weights = w  # the property below adds per-layer copies on one CPU device
         self.cache = init_cache(self.cfg, slots, max_len, dtype=cache_dtype, mesh=mesh, rules=rules)
         self.logits_buf = jnp.zeros((slots, self.cfg.vocab_size), jnp.float32)
+        if mesh is None:
+            self.cache, self.logits_buf = jax.device_put((self.cache, self.logits_buf), _home(w))
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: dict[int, _Request] = {}  # slot -> request
         self.by_id: dict[Hashable, _Request] = {}
@@ -253,8 +255,7 @@ class Engine:
         events: list[Event] = []
         admitted = self._admit()
         if admitted:
-            tokens, logprobs = sample_rows(self.logits_buf, self._slot_arrays(admitted))
-            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+            tokens, logprobs = jax.device_get(sample_rows(self.logits_buf, self._slot_arrays(admitted), admitted))
             for s in admitted:
                 self._emit(s, int(tokens[s]), float(logprobs[s]), events)
         if self.running:
@@ -279,11 +280,9 @@ class Engine:
         active[slots] = True
         # Attend over a power-of-two prefix of the cache rows that holds every position of the chunk.
         bucket = min(self.max_len, pow2(int(self.lengths[slots].max()) + self.decode_chunk, 64))
-        w = self.weights
-        self.cache, tokens, logprobs, counts = decode_chunk(
-            w.graphdef, self.placement, self.decode_chunk, bucket, w.params, w.extra, w.layers, self.cache,
-            self.last_token, active, self._slot_arrays(slots), self._stop_arrays(slots))
-        tokens, logprobs, counts = np.asarray(tokens), np.asarray(logprobs), np.asarray(counts)
+        self.cache, *out = decode_chunk(self.weights, self.placement, self.decode_chunk, bucket, self.cache,
+                                        self.last_token, active, self._slot_arrays(slots), self._stop_arrays(slots))
+        tokens, logprobs, counts = jax.device_get(out)
         self.decode_steps += int(counts.max())
         for s in slots:
             req = self.running[s]
@@ -322,6 +321,14 @@ class Engine:
         events.append(event)
         if req.on_token is not None:
             req.on_token(event)
+
+
+def _home(w: Weights):
+    """Where the compiled steps leave the cache and logits of a mesh-less engine: committed to the
+    weights' device (a train state's 1-device mesh, replicated). A fresh cache is put there too,
+    so the first call's arguments are placed as every later call's: one compile, not two."""
+    s = jax.tree.leaves(w.params)[0].sharding
+    return NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
 
 
 def generate(model_or_state, prompts: list[list[int]], sampling: SamplingParams, n: int = 1, *, tokenizer=None,

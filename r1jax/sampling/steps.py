@@ -7,9 +7,12 @@ functions write it in place (donated), and only three functions are compiled: th
 chunks of `chunk`), the hot decode loop, and a row copy (once). The decode loop runs up to
 `steps` decode + sample steps on device per call (a `while_loop`; a row stops on a stop token,
 max_tokens or a full cache row, the loop as soon as every row has), attending over a
-power-of-two prefix of the cache rows that holds the chunk (compiled once per such bucket, and
-per power of two of stop ids). The host reads back [B, steps] tokens and log-probs and a [B]
-count per call, nothing else.
+power-of-two prefix of the cache rows that holds the chunk (compiled once per such bucket, per
+power of two of stop ids, and per sampling mode: the host picks the greedy, sampled or
+truncated program from the rows' parameters, so no step branches on device). The host reads
+back [B, steps] tokens and log-probs and a [B] count per call, nothing else. The weights go in
+as `Weights.packed` (a static key hashed once and a flat tuple of arrays): a call's own host
+cost stays ~10 µs.
 
 MLA decode is absorbed (`MLA.cached`, spec §2); prefill uses the training form with K/V rebuilt
 from the latent, which costs fewer FLOPs there; so does `naive_decode_step`, kept for tests. On
@@ -31,7 +34,7 @@ from r1jax.sampling.cache import Cache
 from r1jax.sampling.forward import cache_dtype, decode_forward, forward_cached, from_bits, last_logits, to_bits
 from r1jax.sampling.layout import Placement, Weights
 from r1jax.sampling.rng import slot_uniforms
-from r1jax.sampling.tokens import sample_tokens
+from r1jax.sampling.tokens import GREEDY, sample_tokens, sampling_mode
 
 
 def pow2(n: int, lo: int = 1) -> int:
@@ -89,20 +92,21 @@ class _DecodeLoop(NamedTuple):
 
 
 @sampling_jit(static_argnums=(0, 1, 2), donate_argnames=("cache", "logits_buf"))
-def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, layers, cache: Cache, logits_buf,
-                   tokens, start, rows, lengths):
+def _prefill_chunk(key, placement: Placement, prefix: int, leaves, cache: Cache, logits_buf, tokens, start, rows,
+                   lengths):
     """One chunk of right-padded prompts: tokens [P,T] at positions start[p] + t of slots rows
     [P] (>= slots: padding rows, dropped), attending over cache entries [:prefix] (static, >
     start + T - 1). Last-token logits of rows whose prompt ends in this chunk go to logits_buf
-    [slots, V]; lengths [P] become the slots' lengths."""
+    [slots, V]; lengths [P] become the slots' lengths. key, leaves: `Weights.packed`."""
+    w = Weights.unpack(key, leaves)
     with placement.active():
-        model = placement.model(graphdef, params, extra)
+        model = placement.model(w.graphdef, w.params, w.extra)
         t = tokens.shape[1]
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         dtype = cache_dtype(cache)
         bits = jax.tree.map(to_bits, cache.stacks)
         x, bits = forward_cached(model, bits, tokens, positions, rows, prefix, dtype, absorbed=False,
-                                 layer_states=layers)
+                                 layer_states=w.layers)
         stacks = jax.tree.map(lambda a: from_bits(a, dtype), bits)
         idx = lengths - 1 - start
         last = jnp.take_along_axis(x, jnp.clip(idx, 0, t - 1)[:, None, None], axis=1)
@@ -115,12 +119,14 @@ def _prefill_chunk(graphdef, placement: Placement, prefix: int, params, extra, l
     return cache, logits_buf
 
 
-def _decode_logits(graphdef, placement, absorbed, params, extra, layers, cache: Cache, tokens, active):
+def _decode_logits(key, placement, absorbed, leaves, cache: Cache, tokens, active):
+    w = Weights.unpack(key, leaves)
     with placement.active():
-        model = placement.model(graphdef, params, extra, decode=True)
+        model = placement.model(w.graphdef, w.params, w.extra, decode=True)
         dtype = cache_dtype(cache)
         bits = jax.tree.map(to_bits, cache.stacks)
-        x, bits = decode_forward(model, bits, tokens, cache.lengths, cache.max_len, dtype, absorbed, layers)
+        x, bits = decode_forward(model, bits, tokens, cache.lengths, cache.max_len, dtype, absorbed,
+                                 w.layers if absorbed else None)
         stacks = jax.tree.map(lambda a: from_bits(a, dtype), bits)
         cache = placement.constrain_cache(Cache(stacks, cache.lengths + active.astype(jnp.int32)), model.cfg)
     return cache, last_logits(model, x), x
@@ -129,27 +135,40 @@ def _decode_logits(graphdef, placement, absorbed, params, extra, layers, cache: 
 _decode_logits_jit = sampling_jit(_decode_logits, static_argnums=(0, 1, 2), donate_argnames=("cache",))
 
 
-@sampling_jit(static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
-def decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, params, extra, layers, cache: Cache,
-                 tokens, active, slot: SlotParams, stop: StopParams):
+def decode_chunk(weights, placement: Placement, steps: int, bucket: int, cache: Cache, tokens, active,
+                 slot: SlotParams, stop: StopParams):
     """The hot loop: up to `steps` decode + sample steps on device, attending over cache entries
-    [:bucket]. tokens [B] (each slot's last token), active [B], slot: the sampling params [B],
-    stop: when each row stops. A row stops after a stop token, its max_tokens-th token or when
-    its cache row is full (the loop ends early once all have) -> (cache, tokens [B,steps],
-    logprobs [B,steps], count [B]: the valid leading entries of each row)."""
+    [:bucket]. tokens [B] (each slot's last token), active [B], slot: the sampling params [B]
+    (host arrays: they pick the program, `sampling_mode`), stop: when each row stops. A row stops
+    after a stop token, its max_tokens-th token or when its cache row is full (the loop ends early
+    once all have) -> (cache, tokens [B,steps], logprobs [B,steps], count [B]: the valid leading
+    entries of each row). `cache` is donated."""
+    return _decode_chunk(*Weights.of(weights).packed, placement, steps, bucket, _mode(slot, active), cache, tokens,
+                         active, slot, stop)
+
+
+def _mode(slot: SlotParams, active) -> str:
+    on = np.asarray(active, bool)
+    return sampling_mode(np.asarray(slot.temperature)[on], np.asarray(slot.top_k)[on], np.asarray(slot.top_p)[on])
+
+
+@sampling_jit(static_argnums=(0, 2, 3, 4, 5), donate_argnames=("cache",))
+def _decode_chunk(key, leaves, placement: Placement, steps: int, bucket: int, mode: str, cache: Cache, tokens, active,
+                  slot: SlotParams, stop: StopParams):
     b = tokens.shape[0]
     dtype = cache_dtype(cache)
+    w = Weights.unpack(key, leaves)
     with placement.active():
-        model = placement.model(graphdef, params, extra, decode=True)
+        model = placement.model(w.graphdef, w.params, w.extra, decode=True)
 
         def body(s: _DecodeLoop) -> _DecodeLoop:
             run = ~s.done
             x, stacks = decode_forward(model, s.cache.stacks, s.last, s.cache.lengths, bucket, dtype,
-                                       layer_states=layers)
+                                       layer_states=w.layers)
             lengths = s.cache.lengths + run.astype(jnp.int32)
             cache = placement.constrain_cache(Cache(stacks, lengths), model.cfg)
-            u = slot_uniforms(slot.seeds, slot.sample_index, s.token_index)
-            new, lp = sample_tokens(last_logits(model, x), slot.temperature, slot.top_k, slot.top_p, u)
+            u = None if mode == GREEDY else slot_uniforms(slot.seeds, slot.sample_index, s.token_index)
+            new, lp = sample_tokens(last_logits(model, x), slot.temperature, slot.top_k, slot.top_p, u, mode)
             tidx = s.token_index + run.astype(jnp.int32)
             hit = (jnp.any(new[:, None] == stop.stop_ids, axis=1) | (tidx >= stop.max_tokens)
                    | (lengths >= cache.max_len))
@@ -168,11 +187,28 @@ def decode_chunk(graphdef, placement: Placement, steps: int, bucket: int, params
     return cache, out.tokens, out.logprobs, out.token_index - slot.token_index
 
 
-@jax.jit
-def sample_rows(logits_buf, slot: SlotParams):
-    """A token for every row of logits_buf [slots, V] -> (tokens [slots], log-probs [slots])."""
-    return sample_tokens(logits_buf, slot.temperature, slot.top_k, slot.top_p,
-                         slot_uniforms(slot.seeds, slot.sample_index, slot.token_index))
+def decode_chunk_lower(weights, placement: Placement, steps: int, bucket: int, cache: Cache, tokens, active,
+                       slot: SlotParams, stop: StopParams):
+    """`decode_chunk`'s program, lowered (for inspecting its HLO)."""
+    return _decode_chunk.lower(*Weights.of(weights).packed, placement, steps, bucket, _mode(slot, active), cache,
+                               tokens, active, slot, stop)
+
+
+decode_chunk.lower = decode_chunk_lower
+
+
+def sample_rows(logits_buf, slot: SlotParams, rows: Sequence[int]):
+    """A token for every row of logits_buf [slots, V] -> (tokens [slots], log-probs [slots]); the
+    program is the one `rows` (the rows read back) need."""
+    active = np.zeros(len(slot.temperature), bool)
+    active[list(rows)] = True
+    return _sample_rows(logits_buf, slot, _mode(slot, active))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _sample_rows(logits_buf, slot: SlotParams, mode: str):
+    u = None if mode == GREEDY else slot_uniforms(slot.seeds, slot.sample_index, slot.token_index)
+    return sample_tokens(logits_buf, slot.temperature, slot.top_k, slot.top_p, u, mode)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "logits_buf"))
@@ -208,11 +244,11 @@ def prefill(weights, cache: Cache, prompts: Sequence[Sequence[int]], rows: Seque
     row_ids[: len(rows)] = rows
     lengths = np.zeros((p,), np.int32)
     lengths[: len(prompts)] = [len(x) for x in prompts]
+    key, leaves = w.packed
     for s in range(0, total, t):
         prefix = min(pow2(s + t), cache.max_len)
-        cache, logits_buf = _prefill_chunk(w.graphdef, placement, prefix, w.params, w.extra, w.layers, cache,
-                                           logits_buf,
-                                           tokens[:, s: s + t], np.full((p,), s, np.int32), row_ids, lengths)
+        cache, logits_buf = _prefill_chunk(key, placement, prefix, leaves, cache, logits_buf, tokens[:, s: s + t],
+                                           np.full((p,), s, np.int32), row_ids, lengths)
     return cache, logits_buf
 
 
@@ -220,13 +256,13 @@ def decode_step(weights, cache: Cache, tokens, active=None, *, placement: Placem
     """Absorbed MLA (or GQA) decode of one token per slot -> (cache, logits [B,V] f32, hidden [B,D])."""
     w = Weights.of(weights)
     active = jnp.ones((cache.slots,), bool) if active is None else active
-    return _decode_logits_jit(w.graphdef, placement, True, w.params, w.extra, w.layers, cache,
-                              jnp.asarray(tokens, jnp.int32), active)
+    return _decode_logits_jit(w.packed[0], placement, True, w.packed[1], cache, jnp.asarray(tokens, jnp.int32),
+                              active)
 
 
 def naive_decode_step(weights, cache: Cache, tokens, active=None, *, placement: Placement = Placement()):
     """`decode_step` with per-head K/V rebuilt from the cached latent (tests only)."""
     w = Weights.of(weights)
     active = jnp.ones((cache.slots,), bool) if active is None else active
-    return _decode_logits_jit(w.graphdef, placement, False, w.params, w.extra, None, cache,
-                              jnp.asarray(tokens, jnp.int32), active)
+    return _decode_logits_jit(w.packed[0], placement, False, w.packed[1], cache, jnp.asarray(tokens, jnp.int32),
+                              active)

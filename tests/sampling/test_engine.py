@@ -292,7 +292,7 @@ def test_decode_updates_the_cache_in_place(unstacked):
     cache = cache_lib.init_cache(model.cfg, slots, max_len)
     z = np.zeros(slots, np.int32)
     hlo = steps.decode_chunk.lower(
-        w.graphdef, eng.Placement(), 4, max_len, w.params, w.extra, w.layers, cache, z, np.ones(slots, bool),
+        w, eng.Placement(), 4, max_len, cache, z, np.ones(slots, bool),
         steps.SlotParams(np.zeros(slots, np.float32), z, np.ones(slots, np.float32), z.astype(np.uint32), z, z),
         steps.StopParams(np.full(slots, 8, np.int32), np.full((slots, 1), -1, np.int32))).compile().as_text()
     shapes = {f"u16[{','.join(map(str, a.shape))}]" for s in cache.stacks.values() for a in s.values()}
