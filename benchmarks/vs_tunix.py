@@ -22,9 +22,11 @@ the range of all repeats; everything float32 on JAX's CPU device):
             prompt + new tokens, greedy and T 0.6 / top-p 0.95.
             prefill tok/s: r1jax `sampling.prefill` (one compiled call), Tunix the sampler's
             compiled prefill (it also samples the first token); rows x prompt / time.
-            decode tok/s: r1jax `Engine.step` after the admitting step (host loop and per-chunk
-            readback included, 8 tokens per compiled call, f32 cache); Tunix the sampler's compiled
-            decode `while_loop` (one device call for all steps); rows x steps / time.
+            decode tok/s: r1jax `Engine.step` until done, host loop and read-back included, at
+            `BATCH_DECODE_CHUNK` (64) tokens per compiled call as `generate` and GRPO rollouts
+            run it, less the prefill timed alone just before (f32 cache), rows x (new - 1) /
+            time; Tunix the sampler's compiled decode `while_loop` (one device call for all
+            steps); rows x steps / time.
   GRPO      (after GRPO_WARMUP = 2 untimed iterations) --prompts prompts x --generations samples, the same lengths, T 0.6 / top-p 0.95,
             beta 0.04 (k3 KL to a reference copy), clip 0.2, mu 1, one mini-batch (one optimizer
             step), AdamW lr 1e-5 (b 0.9/0.99, no decay), clip-by-norm 1.0; a reward of distinct
@@ -202,24 +204,26 @@ def r1_sampler_rates(model, prompts: np.ndarray, new_tokens: int, temperature: f
         t0 = time.perf_counter()
         cache, buf = eng.prefill(w, cache, rows, list(range(b)))
         jax.block_until_ready(buf)
-        return b * p / (time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
-    engine = eng.Engine(w, slots=b, max_len=max_len, cache_dtype=jnp.float32)
+    # The offline chunk, as generate() and GRPO rollouts run it: with all steps in one call,
+    # the decode is the whole engine run less its prefill (timed alone just before).
+    engine = eng.Engine(w, slots=b, max_len=max_len, cache_dtype=jnp.float32, decode_chunk=eng.BATCH_DECODE_CHUNK)
     sampling = eng.SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=new_tokens)
 
     def decode_once():
+        prefill_s = min(prefill_once() for _ in range(3))
         for i, r in enumerate(rows):
             engine.add_request(i, r, sampling, sample_index=i)
-        engine.step()  # admits: prefill, first token, first chunk
-        t0, tokens = time.perf_counter(), 0
+        t0 = time.perf_counter()
         while engine.has_work():
-            tokens += len(engine.step())
-        dt = time.perf_counter() - t0
+            engine.step()
+        dt = time.perf_counter() - t0 - prefill_s
         assert all(len(engine.pop_result(i).token_ids) == new_tokens for i in range(b))
-        return tokens / dt
+        return b * (new_tokens - 1) / dt  # the first token comes with the prefill
 
     prefill_once(), decode_once()  # compile
-    return {"prefill": [prefill_once() for _ in range(repeats)], "decode": [decode_once() for _ in range(repeats)]}
+    return {"prefill": [b * p / prefill_once() for _ in range(repeats)], "decode": [decode_once() for _ in range(repeats)]}
 
 
 def r1_greedy(model, prompts: np.ndarray, steps: int) -> list[list[int]]:

@@ -32,7 +32,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 
-from r1jax.sampling.engine import Engine, SamplingParams, Weights
+from r1jax.sampling.engine import BATCH_DECODE_CHUNK, Engine, SamplingParams, Weights
 from r1jax.sampling.steps import pow2
 from r1jax.serving.reasoning import opens_reasoning, split_reasoning
 
@@ -84,7 +84,7 @@ def make_engine(weights, tokenizer, questions: Sequence[dict], *, k: int, max_to
     w = Weights.of(weights)
     max_len = min(w.cfg.max_position_embeddings, pow2(longest + max_tokens, 64))
     slots = slots or min(64, pow2(batch_prompts * k, 8))
-    return Engine(w, slots=slots, max_len=max_len)
+    return Engine(w, slots=slots, max_len=max_len, decode_chunk=BATCH_DECODE_CHUNK)
 
 
 def engine_generate_fn(engine: Engine, tokenizer, *, temperature: float = 0.6, top_p: float = 0.95,

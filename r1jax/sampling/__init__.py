@@ -7,7 +7,7 @@ continuous-batching engine over it, and greedy speculative decoding with the MTP
 
 Public API:
   requests: `Engine` (continuous batching, streaming `Event`s), `generate`, `SamplingParams`,
-    `Completion`, `Event`;
+    `Completion`, `Event`, `BATCH_DECODE_CHUNK` (tokens a decode call for offline users);
   weights and placement: `Weights` (a decoder as the compiled steps take it, `unstacked` per-layer
     copies for CPU), `Placement` (mesh, rules, expert dispatch);
   the cache and the steps: `init_cache`, `Cache`, `prefill`, `decode_step`, `forward_cached`;
@@ -21,7 +21,7 @@ Modules: `engine` (requests), `steps` (compiled prefill / decode / sampling step
 """
 
 from r1jax.sampling.cache import Cache, init_cache
-from r1jax.sampling.engine import Completion, Engine, Event, SamplingParams, generate
+from r1jax.sampling.engine import BATCH_DECODE_CHUNK, Completion, Engine, Event, SamplingParams, generate
 from r1jax.sampling.forward import forward_cached
 from r1jax.sampling.layout import Placement, Weights
 from r1jax.sampling.speculative import SpeculativeResult, speculative_generate

@@ -12,7 +12,14 @@ Each `step()` admits waiting requests into free slots (one prefill per length bu
 admitted request's first token), then runs one compiled decode call of up to `decode_chunk`
 tokens for every active slot (`steps.decode_chunk`). The host reads back the chunk's tokens,
 log-probs and counts, emits the events, checks stop strings (a request that hits one mid-chunk
-drops the rest), and admits new requests between calls.
+drops the rest), and admits new requests between calls. While requests wait for a slot, a
+call ends as soon as one slot frees, so a long chunk costs no slot time.
+
+`decode_chunk` trades streaming for throughput: each call returns to the host (dispatch,
+read-back, bookkeeping: on XLA:CPU a few hundred µs, more than a tiny model's step). A server
+streams events and admits new arrivals between calls, so it keeps the default 8; the offline
+users (`generate`, GRPO rollouts, rejection sampling, distillation, evaluation), whose requests
+are all queued up front, run `BATCH_DECODE_CHUNK` tokens a call.
 
 `n` samples of one prompt (and any identical prompts admitted together) are prefilled once:
 the cache rows are copied to the other slots, then each samples its own continuation. Each
@@ -104,6 +111,9 @@ class _Request:
     finish_reason: str | None = None
     text: str | None = None
     slot: int | None = None
+
+
+BATCH_DECODE_CHUNK = 64  # tokens per decode call for offline users (module docstring)
 
 
 class Engine:
@@ -278,10 +288,13 @@ class Engine:
         slots = sorted(self.running)
         active = np.zeros((self.slots,), bool)
         active[slots] = True
-        # Attend over a power-of-two prefix of the cache rows that holds every position of the chunk.
-        bucket = min(self.max_len, pow2(int(self.lengths[slots].max()) + self.decode_chunk, 64))
+        # Attend over a power-of-two prefix of the cache rows that holds every position the chunk
+        # can reach (no row goes past its max_tokens).
+        left = max(self.running[s].sampling.max_tokens - len(self.running[s].token_ids) for s in slots)
+        bucket = min(self.max_len, pow2(int(self.lengths[slots].max()) + min(self.decode_chunk, max(left, 1)), 64))
         self.cache, *out = decode_chunk(self.weights, self.placement, self.decode_chunk, bucket, self.cache,
-                                        self.last_token, active, self._slot_arrays(slots), self._stop_arrays(slots))
+                                        self.last_token, active, self._slot_arrays(slots), self._stop_arrays(slots),
+                                        refill=bool(self.waiting))
         tokens, logprobs, counts = jax.device_get(out)
         self.decode_steps += int(counts.max())
         for s in slots:
@@ -341,6 +354,7 @@ def generate(model_or_state, prompts: list[list[int]], sampling: SamplingParams,
         longest = max(len(p) for p in prompts)
         max_len = max_len or pow2(longest + sampling.max_tokens, 64)
         slots = slots or min(pow2(len(prompts) * n, 8), 64)
+        engine_kwargs.setdefault("decode_chunk", BATCH_DECODE_CHUNK)
         engine = Engine(model_or_state, slots=slots, max_len=max_len, tokenizer=tokenizer, **engine_kwargs)
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
     sampling = dataclasses.replace(sampling, seed=seed)

@@ -136,15 +136,16 @@ _decode_logits_jit = sampling_jit(_decode_logits, static_argnums=(0, 1, 2), dona
 
 
 def decode_chunk(weights, placement: Placement, steps: int, bucket: int, cache: Cache, tokens, active,
-                 slot: SlotParams, stop: StopParams):
+                 slot: SlotParams, stop: StopParams, refill=False):
     """The hot loop: up to `steps` decode + sample steps on device, attending over cache entries
     [:bucket]. tokens [B] (each slot's last token), active [B], slot: the sampling params [B]
     (host arrays: they pick the program, `sampling_mode`), stop: when each row stops. A row stops
-    after a stop token, its max_tokens-th token or when its cache row is full (the loop ends early
-    once all have) -> (cache, tokens [B,steps], logprobs [B,steps], count [B]: the valid leading
-    entries of each row). `cache` is donated."""
+    after a stop token, its max_tokens-th token or when its cache row is full; the loop ends
+    early once all have, or, with `refill` (requests are waiting for a slot), as soon as one has
+    -> (cache, tokens [B,steps], logprobs [B,steps], count [B]: the valid leading entries of
+    each row). `cache` is donated."""
     return _decode_chunk(*Weights.of(weights).packed, placement, steps, bucket, _mode(slot, active), cache, tokens,
-                         active, slot, stop)
+                         active, slot, stop, np.bool_(refill))
 
 
 def _mode(slot: SlotParams, active) -> str:
@@ -154,7 +155,7 @@ def _mode(slot: SlotParams, active) -> str:
 
 @sampling_jit(static_argnums=(0, 2, 3, 4, 5), donate_argnames=("cache",))
 def _decode_chunk(key, leaves, placement: Placement, steps: int, bucket: int, mode: str, cache: Cache, tokens, active,
-                  slot: SlotParams, stop: StopParams):
+                  slot: SlotParams, stop: StopParams, refill):
     b = tokens.shape[0]
     dtype = cache_dtype(cache)
     w = Weights.unpack(key, leaves)
@@ -177,7 +178,7 @@ def _decode_chunk(key, leaves, placement: Placement, steps: int, bucket: int, mo
                                s.logprobs.at[:, s.step].set(jnp.where(run, lp, 0.0)))
 
         def cond(s: _DecodeLoop):
-            return (s.step < steps) & ~jnp.all(s.done)
+            return (s.step < steps) & ~jnp.all(s.done) & ~(refill & jnp.any(s.done & active))
 
         cache = Cache(jax.tree.map(to_bits, cache.stacks), cache.lengths)  # written in place through the loop
         init = _DecodeLoop(jnp.int32(0), cache, tokens, slot.token_index, ~active, jnp.zeros((b, steps), jnp.int32),
@@ -188,10 +189,10 @@ def _decode_chunk(key, leaves, placement: Placement, steps: int, bucket: int, mo
 
 
 def decode_chunk_lower(weights, placement: Placement, steps: int, bucket: int, cache: Cache, tokens, active,
-                       slot: SlotParams, stop: StopParams):
+                       slot: SlotParams, stop: StopParams, refill=False):
     """`decode_chunk`'s program, lowered (for inspecting its HLO)."""
     return _decode_chunk.lower(*Weights.of(weights).packed, placement, steps, bucket, _mode(slot, active), cache,
-                               tokens, active, slot, stop)
+                               tokens, active, slot, stop, np.bool_(refill))
 
 
 decode_chunk.lower = decode_chunk_lower

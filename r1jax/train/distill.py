@@ -68,7 +68,7 @@ from r1jax.model.decoder import abstract_decoder
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.parallel.sharding import batch_shardings, shardings
-from r1jax.sampling.engine import Engine, Weights
+from r1jax.sampling.engine import BATCH_DECODE_CHUNK, Engine, Weights
 from r1jax.train.distill_losses import (
     distill_loss,
     full_vocab_divergence,
@@ -183,7 +183,8 @@ def generate_traces(cfg: Config, teacher: Teacher, run_dir: Path) -> dict | None
     max_len = min(teacher.cfg.model.max_position_embeddings,
                   1 << math.ceil(math.log2(max(longest + d.max_tokens, 64))))
     slots = min(64, 1 << math.ceil(math.log2(max(d.batch_prompts * d.samples, 8))))
-    engine = Engine(Weights(*teacher.weights()), slots=slots, max_len=max_len, tokenizer=tok)
+    engine = Engine(Weights(*teacher.weights()), slots=slots, max_len=max_len, tokenizer=tok,
+                    decode_chunk=BATCH_DECODE_CHUNK)
     generate = engine_generate_fn(engine, tok, temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens,
                                   seed=d.sample_seed)
     stats = {}

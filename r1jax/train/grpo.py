@@ -30,7 +30,7 @@ from r1jax.data.datasets import load_or_train_tokenizer, task_options
 from r1jax.data.tasks import corpus
 from r1jax.data.tokenizer import Tokenizer, chat_text
 from r1jax.parallel.mesh import initialize_distributed, make_mesh
-from r1jax.sampling import Engine, SamplingParams, Weights, generate
+from r1jax.sampling import BATCH_DECODE_CHUNK, Engine, SamplingParams, Weights, generate
 from r1jax.train import advantages as adv_lib
 from r1jax.train import rewards as rewards_lib
 from r1jax.train.evaluate import evaluate_tasks
@@ -190,7 +190,8 @@ class GrpoTrainer:
         weights = Weights(self.step_fn.graphdef, state.params, state.extra)
         if self.engine is None:
             slots = min(64, max(8, self.rows))
-            self.engine = Engine(weights, slots=slots, max_len=self.cfg.seq_len, tokenizer=self.tokenizer)
+            self.engine = Engine(weights, slots=slots, max_len=self.cfg.seq_len, tokenizer=self.tokenizer,
+                                 decode_chunk=BATCH_DECODE_CHUNK)
         self.engine.weights = weights  # the live training arrays: nothing is copied
         return self.engine
 

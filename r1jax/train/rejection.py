@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from r1jax.sampling.engine import Completion, Engine, SamplingParams
+from r1jax.sampling.engine import BATCH_DECODE_CHUNK, Completion, Engine, SamplingParams
 from r1jax.train import rewards as rewards_lib
 from r1jax.train.reward_sandbox import RewardSandbox
 
@@ -338,7 +338,8 @@ def collect(checkpoint: str | os.PathLike, out: str | os.PathLike, *, cfg=None, 
     longest = max(len(r["prompt_ids"]) for r in records)
     max_len = min(cfg.model.max_position_embeddings, 1 << math.ceil(math.log2(max(longest + max_tokens, 64))))
     slots = slots or min(64, 1 << math.ceil(math.log2(max(batch_prompts * k, 8))))
-    engine = Engine(Weights(graphdef, params, extra), slots=slots, max_len=max_len, tokenizer=tokenizer)
+    engine = Engine(Weights(graphdef, params, extra), slots=slots, max_len=max_len, tokenizer=tokenizer,
+                    decode_chunk=BATCH_DECODE_CHUNK)
     generate_fn = engine_generate_fn(engine, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
                                      max_tokens=max_tokens, seed=sample_seed)
     out = Path(out)

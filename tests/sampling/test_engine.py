@@ -206,7 +206,8 @@ def test_decode_chunk_does_not_change_tokens():
     """decode_chunk=8 (tokens, stops and lengths decided on device) against decode_chunk=1 (one
     token per compiled call, every stop decided on the host): identical tokens (log-probs to
     float rounding) for a mixed batch with stop tokens hit mid-chunk, different max_tokens, a full cache row, and
-    more requests than slots (admitted between chunks)."""
+    more requests than slots (admitted between chunks). The same with the offline chunk
+    (BATCH_DECODE_CHUNK), whose calls end as soon as a slot frees while requests wait."""
     model = tiny_moe()
     ps = prompts(model.cfg, MIXED + (58,), seed=7)
     free = _run(model, [("free", ps[0], replace(GREEDY, max_tokens=20), 0)])["free"].token_ids
@@ -219,14 +220,34 @@ def test_decode_chunk_does_not_change_tokens():
              for i, p in enumerate(ps[3:8])]
     one = _run(model, reqs, slots=4, decode_chunk=1)
     eight = _run(model, reqs, slots=4, decode_chunk=8)
+    batch = _run(model, reqs, slots=4, decode_chunk=eng.BATCH_DECODE_CHUNK)
     assert one[("g", 0)].finish_reason == "stop" and len(one[("g", 0)].token_ids) == 6
     assert one[("g", 1)].token_ids and len(one[("g", 1)].token_ids) == 3
     assert one[("g", 3)].finish_reason == "length" and len(one[("g", 3)].token_ids) == 64 - 58 + 1
     for rid, c in one.items():
-        assert eight[rid].token_ids == c.token_ids, rid
-        assert eight[rid].finish_reason == c.finish_reason, rid
-        # same tokens; log-probs to float rounding (XLA fuses a 1-trip loop differently)
-        np.testing.assert_allclose(eight[rid].logprobs, c.logprobs, atol=1e-5, err_msg=str(rid))
+        for chunked in (eight, batch):
+            assert chunked[rid].token_ids == c.token_ids, rid
+            assert chunked[rid].finish_reason == c.finish_reason, rid
+            # same tokens; log-probs to float rounding (XLA fuses a 1-trip loop differently)
+            np.testing.assert_allclose(chunked[rid].logprobs, c.logprobs, atol=1e-5, err_msg=str(rid))
+
+
+def test_a_long_chunk_ends_when_a_slot_frees_for_a_waiting_request():
+    """Two slots, three requests: the first decode call (chunk 64) stops when the short request
+    finishes, so the third is admitted then, not after the long one's 29 more tokens."""
+    model = tiny_moe()
+    short, long_, third = prompts(model.cfg, (4, 6, 5), seed=11)
+    engine = Engine(model, slots=2, max_len=64, cache_dtype=jnp.float32, decode_chunk=eng.BATCH_DECODE_CHUNK)
+    engine.add_request("short", short, replace(GREEDY, max_tokens=3))
+    engine.add_request("long", long_, replace(GREEDY, max_tokens=30))
+    engine.add_request("third", third, replace(GREEDY, max_tokens=4))
+    engine.step()
+    assert engine.decode_steps == 2 and len(engine.result("long").token_ids) == 3  # first token + 2
+    engine.step()
+    assert engine.result("third").token_ids  # admitted by the second step
+    while engine.has_work():
+        engine.step()
+    assert [len(engine.result(r).token_ids) for r in ("short", "long", "third")] == [3, 30, 4]
 
 
 def test_sampler_truncation_and_distribution_against_numpy():
