@@ -94,13 +94,18 @@ class DryRunReport:
 class CaptureStderr:
     """Captures what C++ (XLA) writes to file descriptor 2 while compiling. The persistent
     compilation cache is off inside: a program found on disk is not compiled again, so its
-    partitioner warnings would never be printed (and the checks for them would see nothing)."""
+    partitioner warnings would never be printed (and the checks for them would see nothing).
+    JAX decides once per process whether the cache is used, so turning the flag off is not
+    enough after a first compile: the decision is reset on the way in and out."""
 
     def __enter__(self):
         import jax
 
+        from jax.experimental.compilation_cache import compilation_cache
+
         self._cache = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
         self._file = tempfile.TemporaryFile(mode="w+b")
         sys.stderr.flush()
         self._saved = os.dup(2)
@@ -115,8 +120,10 @@ class CaptureStderr:
         self.text = self._file.read().decode(errors="replace")
         self._file.close()
         import jax
+        from jax.experimental.compilation_cache import compilation_cache
 
         jax.config.update("jax_enable_compilation_cache", self._cache)
+        compilation_cache.reset_cache()
         return False
 
 
