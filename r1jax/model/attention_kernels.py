@@ -54,10 +54,10 @@ def attention_fn(name: str) -> AttentionFn:
 
 def _cudnn_or_xla(q, k, v, segment_ids, scale):
     """`auto` on GPU: cuDNN where it takes the shapes (head dim <= 128 before Hopper, <= 256
-    from it), else the XLA path, said once. An explicit "cudnn" raises instead."""
+    from it) and is installed, else the XLA path, said once. An explicit "cudnn" raises instead."""
     try:
         return cudnn_attend(q, k, v, segment_ids, scale)
-    except NotImplementedError as e:
+    except (NotImplementedError, RuntimeError) as e:  # shapes refused; no cuDNN (RuntimeError)
         if not _warned:
             logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using the XLA path", e)
             _warned.append(True)
