@@ -51,6 +51,7 @@ from flax import nnx  # noqa: E402
 
 from decode import decode_rate, prefill_rate  # noqa: E402  (benchmarks/decode.py)
 from r1jax import config as config_lib  # noqa: E402
+from r1jax.model.attention_kernels import kernel_table  # noqa: E402
 from r1jax.model.decoder import Decoder  # noqa: E402
 from r1jax.model.summary import count_params, train_flops_per_token  # noqa: E402
 from r1jax.parallel.backend import on_cpu  # noqa: E402
@@ -82,12 +83,7 @@ def peak_flops() -> tuple[float, str]:
 
 def kernels(cfg: config_lib.Config) -> str:
     """What the run's kernel settings resolve to on this backend."""
-    try:
-        from r1jax.model.attention_kernels import kernel_table
-
-        table = kernel_table(cfg.model.attention_impl, cfg.parallel.expert_kernel if cfg.model.is_moe else None)
-    except ImportError as e:  # a resolver not in this checkout
-        return f"? ({e})"
+    table = kernel_table(cfg.model.attention_impl, cfg.parallel.expert_kernel if cfg.model.is_moe else None)
     return ", ".join(f"{k}={v}" for k, v in table.items())
 
 

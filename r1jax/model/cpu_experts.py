@@ -73,7 +73,7 @@ def blocked_experts(x, routing: Routing, w_gate, w_up, w_down):
     return jnp.einsum("NKD,NK->ND", y, routing.weights.astype(y.dtype))
 
 
-def small_batch_experts(x, routing, w_gate, w_up, w_down):
+def small_batch_experts(x, routing, w_gate, w_up, w_down, *, kernel: str = "auto"):
     """`dropless_experts` for a few tokens, by size:
       fewer (token, expert) pairs than half the experts: each pair's weights gathered and
         applied as a matvec (a gather copies, so reading all experts in place costs about as
@@ -86,6 +86,7 @@ def small_batch_experts(x, routing, w_gate, w_up, w_down):
     it takes over. The engine's per-layer decode runs tiny experts past the pairs branch as
     `dense_moe` instead (`MoE.decode`). Each branch was picked against the others by timing the
     decode at batch 1 and 16 on CPU."""
+    del kernel  # an `ExpertFn`; these CPU paths need no grouped-matmul kernel
     n, k = routing.experts.shape
     e, d, f = w_gate.shape
     if 2 * n * k < e:

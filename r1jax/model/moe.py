@@ -39,7 +39,7 @@ from flax import nnx
 from r1jax.config import ModelConfig
 from r1jax.model import fp8
 from r1jax.model.cpu_experts import blocked_experts, dense_moe, dense_moe_weights
-from r1jax.model.grouped_matmul import KERNELS, grouped_swiglu, resolve_expert_kernel
+from r1jax.model.grouped_matmul import grouped_swiglu, resolve_expert_kernel
 from r1jax.model.layers import MLP, dtypes, normal, param, zeros
 from r1jax.parallel.rules import constrain
 
@@ -151,8 +151,8 @@ def set_expert_fn(model: nnx.Module, fn: ExpertFn, *, dense_decode: bool = False
     None: each layer keeps its own). Static attributes: call it before `nnx.split` (or on the model
     merged inside the compiled function) and the graphdef carries the choice, fixed per compiled
     function. Returns `model`."""
-    if kernel not in (None, "auto", *KERNELS):  # fail here, not at trace time
-        raise ValueError(f"expert kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
+    if kernel is not None:
+        resolve_expert_kernel(kernel)  # an unknown name fails here, not at trace time
     for _, m in nnx.iter_modules(model):
         if isinstance(m, MoE):
             m.expert_fn, m.dense_decode = fn, dense_decode

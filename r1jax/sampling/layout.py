@@ -35,13 +35,6 @@ from r1jax.sampling.cache import Cache, cache_shardings
 STACKS = ("dense_layers", "moe_layers")  # the decoder's scanned stacks, in forward order
 
 
-def _small_batch_experts(x, routing, w_gate, w_up, w_down, *, kernel: str = "auto"):
-    """`small_batch_experts` as an `ExpertFn`: a few tokens' decode on one CPU device runs the
-    CPU paths, whatever the grouped-matmul kernel."""
-    del kernel
-    return small_batch_experts(x, routing, w_gate, w_up, w_down)
-
-
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """A decoder as (graphdef, params, extra): what the compiled functions take. Built from a
@@ -156,7 +149,7 @@ class Placement:
             mode = "dropless" if self.capacity_factor is None else "capacity"
             return make_expert_fn(self.mesh, dict(self.rules), mode=mode, capacity_factor=self.capacity_factor), False
         if decode and on_cpu():
-            return _small_batch_experts, True
+            return small_batch_experts, True
         return dropless_experts, False
 
     def model(self, graphdef, params, extra, *, decode: bool = False) -> Decoder:

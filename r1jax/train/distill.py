@@ -69,21 +69,11 @@ from r1jax.parallel import rules as rules_lib
 from r1jax.parallel.mesh import check_model_fits
 from r1jax.parallel.sharding import batch_shardings, shardings
 from r1jax.sampling.engine import BATCH_DECODE_CHUNK, Engine, Weights
-from r1jax.train.distill_losses import (
-    distill_loss,
-    full_vocab_divergence,
-    topk_divergence,
-)
+from r1jax.train.distill_losses import distill_loss, full_vocab_divergence, topk_divergence
 from r1jax.train.grpo import prompt_records
 from r1jax.train.loop import RunData, TrainSummary, train
 from r1jax.train.losses import lm_loss
-from r1jax.train.rejection import (
-    engine_generate_fn,
-    format_stats,
-    load_run,
-    rejection_sample,
-    sandbox_for,
-)
+from r1jax.train.rejection import engine_generate_fn, format_stats, load_run, rejection_sample, sandbox_for
 from r1jax.train.step import BATCH_KEYS, TrainStep, forward, with_experts
 
 log = logging.getLogger(__name__)
